@@ -1,0 +1,31 @@
+"""vaswani: the Transformer of "Attention Is All You Need" (Vaswani et al., 2017), in PyTorch."""
+
+from vaswani.attention import (
+    KVCache,
+    MultiHeadAttention,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+)
+from vaswani.config import TransformerConfig
+from vaswani.generation import beam_search, greedy_search, sample_next_token, top_k_filter, top_p_filter
+from vaswani.models import Transformer, TransformerClassifier, TransformerLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "Transformer",
+    "TransformerClassifier",
+    "TransformerConfig",
+    "TransformerLM",
+    "beam_search",
+    "causal_mask",
+    "greedy_search",
+    "padding_mask",
+    "sample_next_token",
+    "scaled_dot_product_attention",
+    "top_k_filter",
+    "top_p_filter",
+]

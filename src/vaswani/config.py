@@ -1,0 +1,189 @@
+"""The one configuration object of the library, with the paper's presets (Table 3).
+
+`TransformerConfig` describes the encoder-decoder of Vaswani et al. (2017) and the two variants built from
+the same blocks (an encoder-only classifier and a decoder-only language model). It is validated when it is
+made, so that a wrong value fails at once with a message naming the field, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+POSITIONAL_ENCODINGS = ("sinusoidal", "sinusoidal_concat", "learned")
+ATTENTION_IMPLS = ("sdpa", "explicit")
+POOLINGS = ("cls", "mean")
+INITS = ("xavier",)
+
+
+@dataclass
+class TransformerConfig:
+    """Hyperparameters of a Transformer (Vaswani et al., 2017, §3 and Table 3).
+
+    The defaults are the paper's base model. Vocabulary ids: `pad_id` marks padding (masked as a key and
+    ignored by the loss), `bos_id` starts every target sequence, `eos_id` ends one. `bos_id` may equal
+    `pad_id` (Marian starts decoding with the pad token); `eos_id` may not.
+
+    Fields beyond the paper:
+      tgt_vocab_size       a separate target vocabulary; None shares `vocab_size` (the paper's setting).
+      share_embeddings     one matrix for source and target embeddings (needs a shared vocabulary).
+      tie_output           the pre-softmax projection reuses the target embedding matrix (§3.4).
+      norm_first           pre-LN (LayerNorm before each sub-layer, plus a final LayerNorm); the paper is
+                           post-LN (False).
+      positional           "sinusoidal" (§3.5, interleaved sin/cos), "sinusoidal_concat" ([sin | cos],
+                           as fairseq and Marian lay it out) or "learned".
+      attention_impl       "sdpa" (torch.nn.functional.scaled_dot_product_attention: fused kernels) or
+                           "explicit" (softmax(QK^T/sqrt(d_k))V written out). Both compute the same function;
+                           the explicit path is always used when attention weights are requested.
+      n_classes, pooling   for `TransformerClassifier`: number of classes and "cls" (the [CLS] state) or
+                           "mean" (mean of the real token states).
+      cls_id               the [CLS] token the classifier prepends; None uses `bos_id`.
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    max_len: int = 1024
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    tgt_vocab_size: int | None = None
+    share_embeddings: bool = True
+    tie_output: bool = True
+    scale_embeddings: bool = True
+    norm_first: bool = False
+    activation: str = "relu"
+    positional: str = "sinusoidal"
+    layer_norm_eps: float = 1e-5
+    attention_impl: str = "sdpa"
+    bias: bool = True
+    init: str = "xavier"
+    n_classes: int | None = None
+    pooling: str = "cls"
+    cls_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot work."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, "must be a positive integer")
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, "must be a non-negative integer")
+        if self.d_model % self.n_heads != 0:
+            fail("d_model", f"must be divisible by n_heads={self.n_heads}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                fail(name, "must be a probability in [0, 1)")
+        if self.tgt_vocab_size is not None:
+            if not isinstance(self.tgt_vocab_size, int) or self.tgt_vocab_size <= 0:
+                fail("tgt_vocab_size", "must be a positive integer or None")
+            if self.share_embeddings and self.tgt_vocab_size != self.vocab_size:
+                fail("share_embeddings", "needs one shared vocabulary (tgt_vocab_size None or = vocab_size)")
+        smallest_vocab = min(self.vocab_size, self.tgt_vocab_size or self.vocab_size)
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < smallest_vocab:
+                fail(name, f"must be a token id in [0, {smallest_vocab})")
+        if self.eos_id == self.pad_id:
+            fail("eos_id", "must differ from pad_id: a finished row is eos followed by padding")
+        if self.cls_id is not None and (
+            not isinstance(self.cls_id, int) or not 0 <= self.cls_id < self.vocab_size
+        ):
+            fail("cls_id", f"must be None or a token id in [0, {self.vocab_size})")
+        if self.activation not in ACTIVATIONS:
+            fail("activation", f"must be one of {ACTIVATIONS}")
+        if self.positional not in POSITIONAL_ENCODINGS:
+            fail("positional", f"must be one of {POSITIONAL_ENCODINGS}")
+        if self.positional != "learned" and self.d_model % 2 != 0:
+            fail("d_model", "must be even for sinusoidal positional encodings")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if self.pooling not in POOLINGS:
+            fail("pooling", f"must be one of {POOLINGS}")
+        if self.init not in INITS:
+            fail("init", f"must be one of {INITS}")
+        if self.n_classes is not None and (not isinstance(self.n_classes, int) or self.n_classes < 2):
+            fail("n_classes", "must be None or an integer >= 2")
+        if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
+            fail("layer_norm_eps", "must be a positive float")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.tgt_vocab_size or self.vocab_size
+
+    @property
+    def classifier_cls_id(self) -> int:
+        return self.bos_id if self.cls_id is None else self.cls_id
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        """Build a config from a mapping; an unknown key is an error that names it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown field(s) {', '.join(unknown)}")
+        if "vocab_size" not in values:
+            raise ValueError("TransformerConfig: missing required field vocab_size")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def base(cls, vocab_size: int, **overrides: Any) -> TransformerConfig:
+        """The paper's base model (Table 3): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1."""
+        values = dict(d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1)
+        return cls(vocab_size=vocab_size, **{**values, **overrides})
+
+    @classmethod
+    def big(cls, vocab_size: int, **overrides: Any) -> TransformerConfig:
+        """The paper's big model (Table 3): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (EN-DE)."""
+        values = dict(
+            d_model=1024, n_heads=16, d_ff=4096, n_encoder_layers=6, n_decoder_layers=6, dropout=0.3
+        )
+        return cls(vocab_size=vocab_size, **{**values, **overrides})
+
+    @classmethod
+    def small(cls, vocab_size: int, **overrides: Any) -> TransformerConfig:
+        """A CPU-sized model: 3+3 layers, d_model=256, d_ff=1024, h=4 (about 3.2M parameters + embeddings)."""
+        values = dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=3, n_decoder_layers=3, dropout=0.1)
+        return cls(vocab_size=vocab_size, **{**values, **overrides})
+
+    @classmethod
+    def tiny(cls, vocab_size: int, **overrides: Any) -> TransformerConfig:
+        """A model for tests and demos: 2+2 layers, d_model=64, d_ff=256, h=4."""
+        values = dict(
+            d_model=64, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1, max_len=256
+        )
+        return cls(vocab_size=vocab_size, **{**values, **overrides})

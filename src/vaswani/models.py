@@ -1,0 +1,458 @@
+"""The three models, built from the same blocks (`vaswani.layers`):
+
+- `Transformer`: the encoder-decoder of the paper (§3, Figure 1), for sequence-to-sequence tasks.
+- `TransformerClassifier`: the encoder alone, with a [CLS] token and a classification head (BERT's recipe).
+- `TransformerLM`: the decoder alone, without cross-attention (a GPT-style language model).
+
+Padding comes from `cfg.pad_id`: inputs are right-padded (real tokens first). Source and classifier inputs
+are masked as keys; decoder inputs need no padding mask because causal masking already hides every later
+position, padding included, from the real ones.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from vaswani.attention import padding_mask
+from vaswani.config import TransformerConfig
+from vaswani.generation import beam_search, check_decoding_options, greedy_search
+from vaswani.layers import Decoder, DecoderCache, Embeddings, Encoder, make_token_embedding
+
+# Beam search and greedy decoding of §6.1: the output may be up to 50 tokens longer than the input.
+EXTRA_OUTPUT_TOKENS = 50
+
+
+def _check_length(length: int, cfg: TransformerConfig, what: str) -> None:
+    if length > cfg.max_len:
+        raise ValueError(f"{what} of {length} tokens is longer than max_len={cfg.max_len}")
+
+
+def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
+    if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise ValueError(
+            f"{what} must be a (batch, length) integer tensor, got {tuple(ids.shape)} {ids.dtype}"
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
+
+
+@contextmanager
+def _evaluating(module: nn.Module):
+    """Generation never wants dropout: run in eval mode, then restore the caller's mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class _Generating:
+    """What the encoder-decoder and the LM share: the `generate` front end over the search functions."""
+
+    config: TransformerConfig
+
+    def _banned_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({self.config.pad_id, self.config.bos_id}))
+
+    def _search(
+        self,
+        make_stepper,
+        first_tokens: Tensor,
+        limits: Tensor,
+        beam_size: int,
+        length_penalty: float,
+        length_penalty_kind: str,
+        do_sample: bool,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        cfg = self.config
+        if beam_size == 1:
+            return greedy_search(
+                make_stepper(1),
+                first_tokens,
+                limits,
+                cfg.eos_id,
+                cfg.pad_id,
+                self._banned_ids(),
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
+        output = beam_search(
+            make_stepper(beam_size),
+            first_tokens.repeat_interleave(beam_size, dim=0),
+            first_tokens.size(0),
+            beam_size,
+            limits,
+            cfg.eos_id,
+            cfg.pad_id,
+            self._banned_ids(),
+            length_penalty,
+            length_penalty_kind,
+        )
+        return output.tokens
+
+
+class Transformer(_Generating, nn.Module):
+    """The encoder-decoder Transformer, §3 and Figure 1 of the paper.
+
+    Source and target embeddings and the pre-softmax projection share one matrix when the vocabulary is
+    shared (§3.4: "we share the same weight matrix between the two embedding layers and the pre-softmax
+    linear transformation"), as configured by `share_embeddings` and `tie_output`.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        src_tokens = make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        if cfg.share_embeddings:
+            tgt_tokens = src_tokens
+        else:
+            tgt_tokens = make_token_embedding(cfg.target_vocab_size, cfg.d_model, cfg.pad_id)
+        self.src_embed = Embeddings(cfg, src_tokens)
+        self.tgt_embed = Embeddings(cfg, tgt_tokens)
+        self.encoder = Encoder(cfg, cfg.n_encoder_layers)
+        self.decoder = Decoder(cfg, cfg.n_decoder_layers, cross_attention=True)
+        self.output_projection = nn.Linear(cfg.d_model, cfg.target_vocab_size, bias=False)
+        if cfg.tie_output:
+            self.output_projection.weight = tgt_tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.d_model**-0.5)
+
+    def encode(self, src: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """src (B, S) -> encoder output (B, S, d_model), its key mask (B, 1, 1, S), encoder attention."""
+        _check_ids(src, self.config.vocab_size, "src")
+        _check_length(src.size(1), self.config, "source")
+        mask = padding_mask(src, self.config.pad_id)
+        positions = torch.arange(src.size(1), device=src.device)
+        memory, weights = self.encoder(self.src_embed(src, positions), mask, need_weights)
+        return memory, mask, weights
+
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        cache: DecoderCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """tgt_in (B, T) -> logits (B, T, V), decoder self-attention, cross-attention.
+
+        With a `cache`, `tgt_in` holds only the newest tokens; their positions continue from the cache.
+        """
+        start = cache.length if cache is not None else 0
+        _check_length(start + tgt_in.size(1), self.config, "target")
+        positions = torch.arange(start, start + tgt_in.size(1), device=tgt_in.device)
+        hidden, self_weights, cross_weights = self.decoder(
+            self.tgt_embed(tgt_in, positions),
+            memory,
+            memory_mask,
+            is_causal=True,
+            cache=cache,
+            need_weights=need_weights,
+        )
+        return self.output_projection(hidden), self_weights, cross_weights
+
+    def forward(self, src: Tensor, tgt_in: Tensor, return_attention: bool = False):
+        """src (B, S), tgt_in (B, T) (BOS + target, shifted right) -> logits (B, T, V).
+
+        With `return_attention=True` also a dict of attention probabilities, each a list with one
+        (B, n_heads, T_query, T_key) tensor per layer: "encoder", "decoder" and "cross".
+        """
+        _check_ids(tgt_in, self.config.target_vocab_size, "tgt_in")
+        memory, memory_mask, enc_weights = self.encode(src, need_weights=return_attention)
+        logits, dec_weights, cross_weights = self.decode(
+            tgt_in, memory, memory_mask, need_weights=return_attention
+        )
+        if return_attention:
+            return logits, {"encoder": enc_weights, "decoder": dec_weights, "cross": cross_weights}
+        return logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        max_new_tokens: int | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
+        length_penalty_kind: str = "gnmt",
+        use_cache: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Translate src (B, S) -> (B, L) target ids without BOS; a finished row is EOS then padding.
+
+        beam_size 1 is greedy search (or sampling with `do_sample`); beam_size > 1 is beam search ranked by
+        log-probability / lp(length) (§6.1: beam 4, alpha 0.6). The default `max_new_tokens` is each
+        sentence's source length + 50 (§6.1), capped at max_len. Runs in eval mode, without gradients.
+        """
+        cfg = self.config
+        check_decoding_options(beam_size, do_sample, temperature, top_k, top_p)
+        src_lengths = (src != cfg.pad_id).sum(dim=1)
+        if max_new_tokens is None:
+            limits = (src_lengths + EXTRA_OUTPUT_TOKENS).clamp(max=cfg.max_len)
+        else:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+            _check_length(max_new_tokens, cfg, "max_new_tokens")
+            limits = torch.full_like(src_lengths, max_new_tokens)
+        with _evaluating(self):
+            memory, memory_mask, _ = self.encode(src)
+
+            def make_stepper(beams: int) -> _EncoderDecoderStepper:
+                return _EncoderDecoderStepper(
+                    self,
+                    memory.repeat_interleave(beams, dim=0),
+                    memory_mask.repeat_interleave(beams, dim=0),
+                    capacity=int(limits.max()) if use_cache else None,
+                )
+
+            bos = torch.full((src.size(0), 1), cfg.bos_id, dtype=torch.long, device=src.device)
+            return self._search(
+                make_stepper,
+                bos,
+                limits,
+                beam_size,
+                length_penalty,
+                length_penalty_kind,
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
+
+
+class _EncoderDecoderStepper:
+    """A `generation.Stepper` over `Transformer.decode`: with a KV cache (capacity given) each step runs the
+    decoder on the newest token only; without one, it reruns the decoder on the whole prefix."""
+
+    def __init__(self, model: Transformer, memory: Tensor, memory_mask: Tensor, capacity: int | None) -> None:
+        self.model, self.memory, self.memory_mask = model, memory, memory_mask
+        self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
+        self.prefix: Tensor | None = None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        if self.cache is not None:
+            logits = self.model.decode(tokens, self.memory, self.memory_mask, cache=self.cache)[0]
+        else:
+            self.prefix = tokens if self.prefix is None else torch.cat((self.prefix, tokens), dim=1)
+            logits = self.model.decode(self.prefix, self.memory, self.memory_mask)[0]
+        return logits[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+        else:
+            self.prefix = self.prefix.index_select(0, index)
+
+
+class TransformerClassifier(nn.Module):
+    """The Transformer encoder as a sequence classifier (as in BERT, Devlin et al. 2019).
+
+    A [CLS] token (`cfg.cls_id`, by default `bos_id`) is prepended at position 0; padding is masked as keys;
+    a linear head reads the final [CLS] state (`pooling="cls"`) or the mean of the real token states
+    (`pooling="mean"`, [CLS] excluded). Uses `n_encoder_layers`.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.n_classes is None:
+            raise ValueError("TransformerConfig.n_classes must be set for a TransformerClassifier")
+        self.config = cfg
+        self.embed = Embeddings(cfg, make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id))
+        self.encoder = Encoder(cfg, cfg.n_encoder_layers)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(self, ids: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """ids (B, S) -> hidden states (B, 1 + S, d_model) with [CLS] first, their mask, attention."""
+        cfg = self.config
+        _check_ids(ids, cfg.vocab_size, "ids")
+        cls = torch.full((ids.size(0), 1), cfg.classifier_cls_id, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat((cls, ids), dim=1)
+        _check_length(ids.size(1), cfg, "input with [CLS]")
+        mask = padding_mask(ids, cfg.pad_id)
+        positions = torch.arange(ids.size(1), device=ids.device)
+        hidden, weights = self.encoder(self.embed(ids, positions), mask, need_weights)
+        return hidden, mask, weights
+
+    def forward(self, ids: Tensor, return_attention: bool = False):
+        """ids (B, S) -> class logits (B, n_classes); with `return_attention`, also {"encoder": [...]}
+        whose tensors are (B, n_heads, 1 + S, 1 + S), [CLS] at index 0."""
+        hidden, mask, weights = self.encode(ids, need_weights=return_attention)
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            real = mask[:, 0, 0, 1:, None].to(hidden.dtype)
+            pooled = (hidden[:, 1:] * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+        logits = self.head(self.dropout(pooled))
+        if return_attention:
+            return logits, {"encoder": weights}
+        return logits
+
+
+class TransformerLM(_Generating, nn.Module):
+    """A decoder-only language model: the decoder stack of §3.1 without encoder-decoder attention, with
+    causal self-attention and the output projection tied to the embedding (§3.4). Uses `n_decoder_layers`."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        tokens = make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
+        self.embed = Embeddings(cfg, tokens)
+        self.decoder = Decoder(cfg, cfg.n_decoder_layers, cross_attention=False)
+        self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_output:
+            self.output_projection.weight = tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.d_model**-0.5)
+
+    def decode(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        key_valid: Tensor | None = None,
+        cache: DecoderCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """ids (B, T) at `positions` ((T,) or (B, T)) -> logits (B, T, V), self-attention weights.
+
+        `key_valid` (B, keys) marks real keys (False for the left padding of batched prompts); it covers
+        the cached keys plus `ids`. None: every key is real.
+        """
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        hidden, weights, _ = self.decoder(
+            self.embed(ids, positions), self_mask=mask, is_causal=True, cache=cache, need_weights=need_weights
+        )
+        return self.output_projection(hidden), weights
+
+    def forward(self, ids: Tensor, return_attention: bool = False):
+        """ids (B, T), right-padded -> next-token logits (B, T, V); with `return_attention`, also
+        {"decoder": [(B, n_heads, T, T) per layer]}."""
+        _check_ids(ids, self.config.vocab_size, "ids")
+        _check_length(ids.size(1), self.config, "input")
+        positions = torch.arange(ids.size(1), device=ids.device)
+        logits, weights = self.decode(ids, positions, need_weights=return_attention)
+        if return_attention:
+            return logits, {"decoder": weights}
+        return logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int = 100,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
+        length_penalty_kind: str = "gnmt",
+        use_cache: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue each prompt of prompt_ids (B, T) -> (B, L) new tokens (the prompt is not repeated);
+        a row that produces EOS is padded after it.
+
+        Prompts of different lengths are padded with pad_id (on either side); they are moved to the left
+        internally and the padding is masked, so a prompt continues the same way alone or in a batch.
+        """
+        cfg = self.config
+        check_decoding_options(beam_size, do_sample, temperature, top_k, top_p)
+        _check_ids(prompt_ids, cfg.vocab_size, "prompt_ids")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        real = prompt_ids != cfg.pad_id
+        if not bool(real.any(dim=1).all()):
+            raise ValueError("every prompt needs at least one token that is not padding")
+        # Stable sort on the real flag moves padding to the left and keeps the tokens' order.
+        order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices
+        prompt_ids, real = prompt_ids.gather(1, order), real.gather(1, order)
+        _check_length(prompt_ids.size(1) + max_new_tokens - 1, cfg, "prompt + max_new_tokens")
+        limits = torch.full((prompt_ids.size(0),), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
+        padded = not bool(real.all())
+        with _evaluating(self):
+
+            def make_stepper(beams: int) -> _LMStepper:
+                return _LMStepper(
+                    self,
+                    real.repeat_interleave(beams, dim=0) if padded else None,
+                    capacity=prompt_ids.size(1) + max_new_tokens if use_cache else None,
+                )
+
+            return self._search(
+                make_stepper,
+                prompt_ids,
+                limits,
+                beam_size,
+                length_penalty,
+                length_penalty_kind,
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
+
+
+class _LMStepper:
+    """A `generation.Stepper` over `TransformerLM.decode`, cached or recomputing the whole prefix.
+
+    The first step takes the (left-padded) prompts; real tokens get positions 0, 1, ... in every row.
+    """
+
+    def __init__(self, model: TransformerLM, prompt_valid: Tensor | None, capacity: int | None) -> None:
+        self.model = model
+        self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
+        self.key_valid = prompt_valid  # (N, keys so far), None while no row has padding
+        self.next_positions: Tensor | None = None  # (N,) per-row position of the next token
+        self.prefix: Tensor | None = None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        rows, new = tokens.shape
+        if self.next_positions is None:  # the prompt
+            if self.key_valid is None:
+                positions = torch.arange(new, device=tokens.device).expand(rows, new)
+            else:
+                positions = (self.key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        else:
+            positions = self.next_positions[:, None] + torch.arange(new, device=tokens.device)
+            if self.key_valid is not None:
+                ones = torch.ones(rows, new, dtype=torch.bool, device=tokens.device)
+                self.key_valid = torch.cat((self.key_valid, ones), dim=1)
+        self.next_positions = positions[:, -1] + 1
+        if self.cache is not None:
+            logits, _ = self.model.decode(tokens, positions, self.key_valid, cache=self.cache)
+        else:
+            self.prefix = tokens if self.prefix is None else torch.cat((self.prefix, tokens), dim=1)
+            self.all_positions = (
+                positions if self.prefix.size(1) == new else torch.cat((self.all_positions, positions), dim=1)
+            )
+            logits, _ = self.model.decode(self.prefix, self.all_positions, self.key_valid)
+        return logits[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+        else:
+            self.prefix = self.prefix.index_select(0, index)
+            self.all_positions = self.all_positions.index_select(0, index)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+        self.next_positions = self.next_positions.index_select(0, index)
