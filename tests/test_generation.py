@@ -62,6 +62,14 @@ def add_logit_bias(model: torch.nn.Module, bias: dict[int, float]) -> None:
     model.output_projection.register_forward_hook(lambda _module, _inputs, output: output + vector)
 
 
+def make_eos_depend_on_context(model: torch.nn.Module, factor: float = 3.0) -> None:
+    """Scale the EOS row of an untied output projection: EOS becomes likely after some prefixes and unlikely
+    after others, so rows of a batch finish at different steps (a random init rarely does that)."""
+    assert not model.config.tie_output
+    with torch.no_grad():
+        model.output_projection.weight[EOS] *= factor
+
+
 def right_padded(rows: list[list[int]]) -> Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
@@ -211,22 +219,25 @@ def _src_batch() -> Tensor:
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_cached_decoding_equals_full_decoding_transformer(beam_size):
-    model = make_transformer(0)
-    add_logit_bias(model, {EOS: 2.0})  # some rows finish early, others run to the limit
+    model = make_transformer(5, tie_output=False)
+    make_eos_depend_on_context(model)  # rows finish at different steps, or run to the limit
     src = _src_batch()
     cached = model.generate(src, max_new_tokens=16, beam_size=beam_size, use_cache=True)
     full = model.generate(src, max_new_tokens=16, beam_size=beam_size, use_cache=False)
     assert torch.equal(cached, full)
 
 
-@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+MODES = {"greedy": {}, "beam": {"beam_size": 3}, "sample": {"do_sample": True, "temperature": 1.3}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_cached_decoding_equals_full_decoding_lm(mode, padding):
-    model = make_lm(1)
-    add_logit_bias(model, {EOS: 1.5})
+    model = make_lm(1, tie_output=False)
+    make_eos_depend_on_context(model)
     rows = random_rows(12, [2, 7, 4])
     prompts = left_padded(rows) if padding == "left" else right_padded(rows)
-    options = {"greedy": {}, "beam": {"beam_size": 3}, "sample": {"do_sample": True, "temperature": 1.3}}[mode]
+    options = MODES[mode]
     outputs = []
     for use_cache in (True, False):
         generator = torch.Generator().manual_seed(5)
@@ -288,6 +299,21 @@ def test_cached_step_logits_equal_full_step_logits_lm(padded):
             tokens = torch.randint(3, VOCAB, (len(rows), 1), generator=g)
             for i, t in enumerate(tokens[:, 0].tolist()):
                 continuations[i].append(t)
+
+
+def test_cached_decoding_equals_full_decoding_without_decoder_layers():
+    # TransformerConfig accepts n_decoder_layers=0 ("a non-negative integer"). The decoder is then the target
+    # embedding plus positional encoding, and the step logits must still depend on the step's position.
+    model = make_transformer(0, n_decoder_layers=0)
+    src = _src_batch()
+    with torch.no_grad():
+        memory, memory_mask, _ = model.encode(src)
+        cached = _EncoderDecoderStepper(model, memory, memory_mask, capacity=4)
+        full = _EncoderDecoderStepper(model, memory, memory_mask, capacity=None)
+        tokens = torch.full((src.size(0), 1), BOS)
+        for _ in range(4):
+            torch.testing.assert_close(cached.step(tokens), full.step(tokens), atol=1e-5, rtol=0)
+            tokens = torch.full((src.size(0), 1), 5)
 
 
 # ======================================================================================== 2. beam 1 = greedy
@@ -372,7 +398,9 @@ def check_against_brute_force(
         assert len(hypotheses) == beam_size
         for hyp in hypotheses:
             assert hyp.score == pytest.approx(exact[tuple(hyp.tokens)], abs=1e-4)
-            assert hyp.log_prob == pytest.approx(hyp.score * length_penalty(len(hyp.tokens), alpha, kind), abs=1e-4)
+            assert hyp.log_prob == pytest.approx(
+                hyp.score * length_penalty(len(hyp.tokens), alpha, kind), abs=1e-4
+            )
             assert hyp.finished == (hyp.tokens[-1] == EOS)
         expected_scores = [score for _, score in ranked[: len(hypotheses)]]
         assert [h.score for h in hypotheses] == pytest.approx(expected_scores, abs=1e-4)
@@ -382,7 +410,7 @@ def _peaky(model: torch.nn.Module, eos_scale: float, scale: float) -> None:
     """Sharper next-token distributions than a random init gives, with EOS likely after some prefixes only."""
     with torch.no_grad():
         model.output_projection.weight.mul_(scale)
-        model.output_projection.weight[EOS] *= eos_scale
+    make_eos_depend_on_context(model, eos_scale)
 
 
 @pytest.mark.parametrize(("alpha", "kind"), BRUTE_CASES)
@@ -482,7 +510,9 @@ def test_beam_search_matches_brute_force_on_arbitrary_distributions(alpha, kind,
     check_against_brute_force(result, log_probs, alpha, kind, max_new, beam)
 
 
-@pytest.mark.parametrize(("alpha", "kind", "winner"), [(0.0, "gnmt", "short"), (1.0, "gnmt", "long"), (1.0, "power", "long")])
+@pytest.mark.parametrize(
+    ("alpha", "kind", "winner"), [(0.0, "gnmt", "short"), (1.0, "gnmt", "long"), (1.0, "power", "long")]
+)
 def test_beam_search_keeps_searching_while_the_length_penalty_can_lift_a_live_hypothesis(alpha, kind, winner):
     """Beam 1, limit 10. Step 1: EOS has p=0.6, token 3 has p=0.35. After 3, the model is all but certain
     to write 3 eight more times, then EOS. With a length penalty, [3]*9 + [EOS] (log-prob about -1.06,
@@ -516,7 +546,9 @@ def test_beam_search_keeps_searching_while_the_length_penalty_can_lift_a_live_hy
     expected = [EOS] if winner == "short" else [3] * (limit - 1) + [EOS]
     assert content(result.tokens[0]) == expected
     log_prob = function_sequence_log_probs(logits_fn, 0, [expected])[0]
-    assert result.scores[0].item() == pytest.approx(log_prob / length_penalty(len(expected), alpha, kind), abs=1e-5)
+    assert result.scores[0].item() == pytest.approx(
+        log_prob / length_penalty(len(expected), alpha, kind), abs=1e-5
+    )
 
 
 # ======================================================================================== 11. early stopping
@@ -555,9 +587,8 @@ def test_beam_search_early_stopping_loses_nothing(alpha, kind):
     """Beam search stops a sentence once no live hypothesis can beat its worst finished one. Stopping must
     not change the result: the K best hypotheses equal those of the same search run to the length limit."""
     model = make_transformer(5, tie_output=False)
-    with torch.no_grad():  # EOS likely after some prefixes, unlikely after others: K finish early
-        model.output_projection.weight[EOS] *= 3.0
-    add_logit_bias(model, {EOS: 1.0})
+    make_eos_depend_on_context(model)
+    add_logit_bias(model, {EOS: 1.0})  # with EOS this likely, K hypotheses finish well before the limit
     src = right_padded(random_rows(40, [7, 4, 9]))
     beam_size, limit = 3, 20
     counter = {}
@@ -585,7 +616,11 @@ def test_beam_search_early_stopping_loses_nothing(alpha, kind):
 
 
 # ======================================================================================== 4, 5. sampling
-@pytest.mark.parametrize("options", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}])
+@pytest.mark.parametrize(
+    "options",
+    [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}],
+    ids=["top-k-1", "top-p-tiny", "top-k-1-hot"],
+)
 def test_top_k_one_sampling_equals_greedy(options):
     # top_p tiny keeps only the most likely token too ("the most likely token is always kept").
     transformer = make_transformer(5)
@@ -613,7 +648,11 @@ def test_sampling_is_reproducible_with_a_generator_seed(model_kind):
 
     def sample(seed: int, **options) -> Tensor:
         return model.generate(
-            inputs, max_new_tokens=12, do_sample=True, generator=torch.Generator().manual_seed(seed), **options
+            inputs,
+            max_new_tokens=12,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(seed),
+            **options,
         )
 
     assert torch.equal(sample(7), sample(7))
@@ -654,7 +693,9 @@ def test_sampling_follows_the_filtered_softmax():
 # ======================================================================================== 6. banned tokens
 @pytest.mark.parametrize("model_kind", ["transformer", "lm"])
 @pytest.mark.parametrize(
-    "options", [{}, {"beam_size": 3}, {"do_sample": True}, {"do_sample": True, "top_k": 3, "top_p": 0.5}]
+    "options",
+    [{}, {"beam_size": 3}, {"do_sample": True}, {"do_sample": True, "top_k": 3, "top_p": 0.5}],
+    ids=["greedy", "beam", "sample", "sample-top-k-top-p"],
 )
 def test_generation_never_emits_pad_or_bos(model_kind, options):
     if model_kind == "transformer":
@@ -673,8 +714,7 @@ def test_generation_never_emits_pad_or_bos(model_kind, options):
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_each_sentence_decodes_as_if_alone_and_finished_rows_are_eos_then_pad(beam_size):
     model = make_transformer(8, tie_output=False)
-    with torch.no_grad():  # EOS likely after some prefixes only: rows finish at different steps
-        model.output_projection.weight[EOS] *= 3.0
+    make_eos_depend_on_context(model)
     rows = random_rows(80, [7, 1, 5, 10, 3])
     src = right_padded(rows)
     batch = model.generate(src, beam_size=beam_size)  # default limits: per-sentence source length + 50
@@ -800,7 +840,7 @@ def test_length_penalty_values():
     assert length_penalty(4, 0.5, "power") == pytest.approx(2.0)
     assert length_penalty(3, 1.0, "power") == pytest.approx(3.0)
     assert length_penalty(9, 0.0, "power") == 1.0
-    with pytest.raises(ValueError, match="length penalty kind 'linear'"):
+    with pytest.raises(ValueError, match="length_penalty_kind='linear'"):
         length_penalty(3, 0.6, "linear")
 
 
@@ -827,7 +867,10 @@ def test_next_token_log_probs_bans_after_normalising():
         ({"do_sample": True, "beam_size": 3}, "do_sample"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"max_new_tokens": 300}, "max_new_tokens"),  # tiny: max_len 256
-        ({"beam_size": 2, "length_penalty_kind": "linear"}, "length penalty kind"),
+        ({"beam_size": 2, "length_penalty_kind": "linear"}, "length_penalty_kind"),
+        ({"length_penalty_kind": "linear"}, "length_penalty_kind"),
+        ({"beam_size": 2, "length_penalty": float("nan")}, "length_penalty"),
+        ({"beam_size": True}, "beam_size"),
     ],
 )
 @pytest.mark.parametrize("model_kind", ["transformer", "lm"])

@@ -106,7 +106,11 @@ def sequence_accuracy(model: Transformer, batch: CopyBatch, **generate_options) 
 
 
 def _show(ids: Tensor) -> str:
-    return " ".join(str(int(t)) for t in ids if int(t) not in (PAD, BOS))
+    """Symbols as letters (3 -> a, 4 -> b, ...), EOS as </s>, padding left out."""
+    names = {EOS: "</s>"}
+    return " ".join(
+        names.get(int(t), chr(ord("a") + int(t) - FIRST_SYMBOL)) for t in ids if int(t) not in (PAD, BOS)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ input length + 50) with the length penalty of Wu et al. (2016), "GNMT".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,14 +88,20 @@ def length_penalty(length: int, alpha: float, kind: str = "gnmt") -> float:
         return ((5.0 + length) / 6.0) ** alpha
     if kind == "power":
         return float(length) ** alpha
-    raise ValueError(f"length penalty kind {kind!r} must be one of {LENGTH_PENALTY_KINDS}")
+    raise ValueError(f"length_penalty_kind={kind!r} must be one of {LENGTH_PENALTY_KINDS}")
 
 
 def check_decoding_options(
-    beam_size: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+    beam_size: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    length_penalty: float = 0.6,
+    length_penalty_kind: str = "gnmt",
 ) -> None:
     """Reject option values that have no meaning, with a message naming the option."""
-    if not isinstance(beam_size, int) or beam_size < 1:
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
         raise ValueError(f"beam_size={beam_size!r} must be an integer >= 1")
     if do_sample and beam_size > 1:
         raise ValueError(
@@ -106,6 +113,10 @@ def check_decoding_options(
         raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
+    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty={length_penalty!r} must be a finite number")
+    if length_penalty_kind not in LENGTH_PENALTY_KINDS:
+        raise ValueError(f"length_penalty_kind={length_penalty_kind!r} must be one of {LENGTH_PENALTY_KINDS}")
 
 
 # ---------------------------------------------------------------------------------------- greedy / sampling

@@ -241,11 +241,8 @@ class DecoderCache:
         self.capacity = capacity
         self.self_attn = [KVCache(capacity) for _ in range(n_layers)]
         self.cross_attn = [KVCache() for _ in range(n_layers)]
-
-    @property
-    def length(self) -> int:
-        """Number of positions decoded so far."""
-        return self.self_attn[0].length if self.self_attn else 0
+        # Counted here, not read off a layer's cache: a decoder may have no layers.
+        self.length = 0
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` of the self-attention state, as beam search asks after each step.
@@ -275,6 +272,10 @@ class Decoder(nn.Module):
         cache: DecoderCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        if cache is not None and cache.length + x.size(1) > cache.capacity:
+            raise ValueError(
+                f"decoder cache holds {cache.capacity} positions; cannot add {x.size(1)} to {cache.length}"
+            )
         self_weights, cross_weights = [], []
         for i, layer in enumerate(self.layers):
             x, sw, cw = layer(
@@ -291,6 +292,8 @@ class Decoder(nn.Module):
                 self_weights.append(sw)
                 if cw is not None:
                     cross_weights.append(cw)
+        if cache is not None:
+            cache.length += x.size(1)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, self_weights, cross_weights

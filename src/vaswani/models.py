@@ -199,7 +199,9 @@ class Transformer(_Generating, nn.Module):
         sentence's source length + 50 (§6.1), capped at max_len. Runs in eval mode, without gradients.
         """
         cfg = self.config
-        check_decoding_options(beam_size, do_sample, temperature, top_k, top_p)
+        check_decoding_options(
+            beam_size, do_sample, temperature, top_k, top_p, length_penalty, length_penalty_kind
+        )
         src_lengths = (src != cfg.pad_id).sum(dim=1)
         if max_new_tokens is None:
             limits = (src_lengths + EXTRA_OUTPUT_TOKENS).clamp(max=cfg.max_len)
@@ -374,7 +376,9 @@ class TransformerLM(_Generating, nn.Module):
         internally and the padding is masked, so a prompt continues the same way alone or in a batch.
         """
         cfg = self.config
-        check_decoding_options(beam_size, do_sample, temperature, top_k, top_p)
+        check_decoding_options(
+            beam_size, do_sample, temperature, top_k, top_p, length_penalty, length_penalty_kind
+        )
         _check_ids(prompt_ids, cfg.vocab_size, "prompt_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
