@@ -8,12 +8,20 @@ from vaswani.attention import (
     scaled_dot_product_attention,
 )
 from vaswani.config import TransformerConfig
-from vaswani.generation import beam_search, greedy_search, sample_next_token, top_k_filter, top_p_filter
+from vaswani.generation import (
+    DecodingOptions,
+    beam_search,
+    greedy_search,
+    sample_next_token,
+    top_k_filter,
+    top_p_filter,
+)
 from vaswani.models import Transformer, TransformerClassifier, TransformerLM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodingOptions",
     "KVCache",
     "MultiHeadAttention",
     "Transformer",

@@ -119,6 +119,74 @@ def check_decoding_options(
         raise ValueError(f"length_penalty_kind={length_penalty_kind!r} must be one of {LENGTH_PENALTY_KINDS}")
 
 
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How `generate` searches, validated on construction (see `check_decoding_options`)."""
+
+    beam_size: int = 1
+    length_penalty: float = 0.6
+    length_penalty_kind: str = "gnmt"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        check_decoding_options(
+            self.beam_size,
+            self.do_sample,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.length_penalty,
+            self.length_penalty_kind,
+        )
+
+
+def decode(
+    make_stepper,
+    first_tokens: Tensor,
+    max_new_tokens: Tensor,
+    options: DecodingOptions,
+    eos_id: int,
+    pad_id: int,
+    banned_ids: tuple[int, ...] = (),
+) -> Tensor:
+    """Run greedy search / sampling (beam_size 1) or beam search; return (N, L) generated ids.
+
+    `make_stepper(beams)` builds a Stepper whose rows are the N inputs, each repeated `beams` times.
+    """
+    o = options
+    if o.beam_size == 1:
+        return greedy_search(
+            make_stepper(1),
+            first_tokens,
+            max_new_tokens,
+            eos_id,
+            pad_id,
+            banned_ids,
+            o.do_sample,
+            o.temperature,
+            o.top_k,
+            o.top_p,
+            o.generator,
+        )
+    output = beam_search(
+        make_stepper(o.beam_size),
+        first_tokens.repeat_interleave(o.beam_size, dim=0),
+        first_tokens.size(0),
+        o.beam_size,
+        max_new_tokens,
+        eos_id,
+        pad_id,
+        banned_ids,
+        o.length_penalty,
+        o.length_penalty_kind,
+    )
+    return output.tokens
+
+
 # ---------------------------------------------------------------------------------------- greedy / sampling
 @torch.no_grad()
 def greedy_search(

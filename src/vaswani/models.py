@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vaswani.attention import padding_mask
 from vaswani.config import TransformerConfig
-from vaswani.generation import beam_search, check_decoding_options, greedy_search
+from vaswani.generation import DecodingOptions, decode
 from vaswani.layers import Decoder, DecoderCache, Embeddings, Encoder, make_token_embedding
 
 # Beam search and greedy decoding of §6.1: the output may be up to 50 tokens longer than the input.
@@ -50,59 +50,12 @@ def _evaluating(module: nn.Module):
         module.train(was_training)
 
 
-class _Generating:
-    """What the encoder-decoder and the LM share: the `generate` front end over the search functions."""
-
-    config: TransformerConfig
-
-    def _banned_ids(self) -> tuple[int, ...]:
-        return tuple(sorted({self.config.pad_id, self.config.bos_id}))
-
-    def _search(
-        self,
-        make_stepper,
-        first_tokens: Tensor,
-        limits: Tensor,
-        beam_size: int,
-        length_penalty: float,
-        length_penalty_kind: str,
-        do_sample: bool,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        cfg = self.config
-        if beam_size == 1:
-            return greedy_search(
-                make_stepper(1),
-                first_tokens,
-                limits,
-                cfg.eos_id,
-                cfg.pad_id,
-                self._banned_ids(),
-                do_sample,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-            )
-        output = beam_search(
-            make_stepper(beam_size),
-            first_tokens.repeat_interleave(beam_size, dim=0),
-            first_tokens.size(0),
-            beam_size,
-            limits,
-            cfg.eos_id,
-            cfg.pad_id,
-            self._banned_ids(),
-            length_penalty,
-            length_penalty_kind,
-        )
-        return output.tokens
+def _banned_ids(cfg: TransformerConfig) -> tuple[int, ...]:
+    """Tokens generation never emits: padding and BOS."""
+    return tuple(sorted({cfg.pad_id, cfg.bos_id}))
 
 
-class Transformer(_Generating, nn.Module):
+class Transformer(nn.Module):
     """The encoder-decoder Transformer, §3 and Figure 1 of the paper.
 
     Source and target embeddings and the pre-softmax projection share one matrix when the vocabulary is
@@ -199,8 +152,8 @@ class Transformer(_Generating, nn.Module):
         sentence's source length + 50 (§6.1), capped at max_len. Runs in eval mode, without gradients.
         """
         cfg = self.config
-        check_decoding_options(
-            beam_size, do_sample, temperature, top_k, top_p, length_penalty, length_penalty_kind
+        options = DecodingOptions(
+            beam_size, length_penalty, length_penalty_kind, do_sample, temperature, top_k, top_p, generator
         )
         src_lengths = (src != cfg.pad_id).sum(dim=1)
         if max_new_tokens is None:
@@ -222,19 +175,7 @@ class Transformer(_Generating, nn.Module):
                 )
 
             bos = torch.full((src.size(0), 1), cfg.bos_id, dtype=torch.long, device=src.device)
-            return self._search(
-                make_stepper,
-                bos,
-                limits,
-                beam_size,
-                length_penalty,
-                length_penalty_kind,
-                do_sample,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-            )
+            return decode(make_stepper, bos, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
 
 
 class _EncoderDecoderStepper:
@@ -308,7 +249,7 @@ class TransformerClassifier(nn.Module):
         return logits
 
 
-class TransformerLM(_Generating, nn.Module):
+class TransformerLM(nn.Module):
     """A decoder-only language model: the decoder stack of §3.1 without encoder-decoder attention, with
     causal self-attention and the output projection tied to the embedding (§3.4). Uses `n_decoder_layers`."""
 
@@ -376,8 +317,8 @@ class TransformerLM(_Generating, nn.Module):
         internally and the padding is masked, so a prompt continues the same way alone or in a batch.
         """
         cfg = self.config
-        check_decoding_options(
-            beam_size, do_sample, temperature, top_k, top_p, length_penalty, length_penalty_kind
+        options = DecodingOptions(
+            beam_size, length_penalty, length_penalty_kind, do_sample, temperature, top_k, top_p, generator
         )
         _check_ids(prompt_ids, cfg.vocab_size, "prompt_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -400,19 +341,7 @@ class TransformerLM(_Generating, nn.Module):
                     capacity=prompt_ids.size(1) + max_new_tokens if use_cache else None,
                 )
 
-            return self._search(
-                make_stepper,
-                prompt_ids,
-                limits,
-                beam_size,
-                length_penalty,
-                length_penalty_kind,
-                do_sample,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-            )
+            return decode(make_stepper, prompt_ids, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
 
 
 class _LMStepper:
