@@ -1,0 +1,272 @@
+"""The `vaswani` command: parses arguments, calls library functions, prints. No logic of its own.
+
+    vaswani train CONFIG [--set key=value ...] [--run-dir DIR] [--resume]
+    vaswani evaluate RUN_DIR [--split NAME | --src FILE --ref FILE]
+    vaswani translate RUN_DIR [TEXT ...]          (or lines on stdin)
+    vaswani classify RUN_DIR [TEXT ...]           (or lines on stdin)
+    vaswani generate RUN_DIR --prompt TEXT
+    vaswani average RUN_DIR --last N
+
+Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
+and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from vaswani.data.paths import DataError
+from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, write_json
+from vaswani.recipes import RecipeError, load_recipe
+from vaswani.runs import average_run, load_run
+from vaswani.tasks import ClassificationTask, LanguageModelTask, TranslationTask, make_task
+from vaswani.training.checkpoint import CheckpointError
+from vaswani.training.trainer import Trainer
+
+# ValueError covers bad recipes, data, checkpoints and tokenizers (their errors derive from it).
+USER_ERRORS = (RecipeError, DataError, CheckpointError, ValueError, OSError, FloatingPointError)
+
+
+def _read_inputs(texts: list[str]) -> list[str]:
+    """The texts given on the command line, else the non-empty lines of standard input."""
+    if texts:
+        return texts
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no input: give texts as arguments or lines on standard input")
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError("no input: standard input is empty")
+    return lines
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} file {path} is not UTF-8 (byte {error.start})") from None
+
+
+# ---------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / recipe.name)
+    task = make_task(recipe, run_dir)
+    print(
+        f"training {recipe.name} ({recipe.data.task}, {recipe.data.dataset}) into {run_dir}", file=sys.stderr
+    )
+    state = Trainer(recipe, task, run_dir, resume=args.resume).fit()
+    final = (run_dir / "FINAL").read_text().strip() if (run_dir / "FINAL").is_file() else "none"
+    print(
+        f"done: {state.step} steps, {state.tokens:,} tokens, {state.elapsed / 60:.1f} min. "
+        f"Run directory {run_dir}: metrics.jsonl, plots/, checkpoints/; final weights: {final}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, args.checkpoint, args.device)
+    task = run.task
+    run_dir = Path(args.run_dir)
+    if args.beam is not None:
+        run.recipe.decode.beam_size = args.beam
+    if (args.src is None) != (args.ref is None):
+        raise ValueError("--src and --ref go together")
+    split = args.split or "test"
+    label = "files" if args.src else split
+    if isinstance(task, TranslationTask):
+        if args.src:
+            sources, references = _read_lines(args.src, "--src"), _read_lines(args.ref, "--ref")
+            if len(sources) != len(references):
+                raise ValueError(f"--src has {len(sources)} lines but --ref has {len(references)}")
+        else:
+            corpus = task.corpus(split)
+            sources, references = corpus.src, corpus.tgt
+        hypotheses, results = task.evaluate(run.model, run.device, sources, references)
+        (run_dir / f"hypotheses_{label}.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+        results.update(split=label, checkpoint=str(run.checkpoint.relative_to(run_dir)))
+        results["beam_size"], results["length_penalty"] = (
+            run.recipe.decode.beam_size,
+            run.recipe.decode.length_penalty,
+        )
+        print(f"BLEU = {results['bleu']['score']:.2f}   {results['bleu']['signature']}")
+        print(f"chrF = {results['chrf']['score']:.2f}   {results['chrf']['signature']}")
+        print(
+            f"{results['sentences']} sentences, beam {results['beam_size']}, "
+            f"checkpoint {results['checkpoint']}"
+        )
+    elif isinstance(task, ClassificationTask):
+        if args.src:
+            raise ValueError("--src/--ref are for translation runs; use --split for a classifier")
+        data = task.data(split)
+        _, report = task.evaluate(run.model, run.device, data.texts, data.labels)
+        results = {"split": split, "checkpoint": str(run.checkpoint.relative_to(run_dir)), **report.to_dict()}
+        plot_confusion_matrix(report, run_dir / f"confusion_{split}.png")
+        print(format_confusion_matrix(report))
+        print(f"accuracy = {report.accuracy:.4f}   macro-F1 = {report.macro_f1:.4f}   ({len(data)} examples)")
+    else:
+        assert isinstance(task, LanguageModelTask)
+        metrics = task.validate(run.model, run.device)
+        results = {"split": "valid", "checkpoint": str(run.checkpoint.relative_to(run_dir)), **metrics}
+        label = "valid"
+        print(f"nll = {metrics['valid_nll']:.4f} per token   bits per character = {metrics['valid_bpc']:.4f}")
+    out = run_dir / f"results_{label}.json"
+    write_json(out, results)
+    print(f"results written to {out}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, args.checkpoint, args.device)
+    if not isinstance(run.task, TranslationTask):
+        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a translation run")
+    texts = _read_inputs(args.texts)
+    outputs = run.task.translate(
+        run.model, texts, run.device, beam_size=args.beam, length_penalty=args.length_penalty
+    )
+    for text in outputs:
+        print(text)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, args.checkpoint, args.device)
+    if not isinstance(run.task, ClassificationTask):
+        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a classification run")
+    texts = _read_inputs(args.texts)
+    probs = run.task.predict(run.model, run.task.encode(texts), run.device)
+    names = run.task.label_names
+    for text, row in zip(texts, probs.tolist(), strict=True):
+        best = max(range(len(row)), key=row.__getitem__)
+        if args.json:
+            print(
+                json.dumps(
+                    {"text": text, "label": names[best], "probabilities": dict(zip(names, row, strict=True))}
+                )
+            )
+        else:
+            print(f"{names[best]}\t{row[best]:.3f}\t{text}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, args.checkpoint, args.device)
+    if not isinstance(run.task, LanguageModelTask):
+        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a language model run")
+    generator = torch.Generator(device=run.device).manual_seed(args.seed) if args.seed is not None else None
+    text = run.task.generate(
+        run.model,
+        args.prompt,
+        run.device,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
+    )
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    path = average_run(args.run_dir, args.last)
+    print(f"averaged the last {args.last} checkpoints into {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaswani", description="Train, evaluate and use Transformers (Vaswani et al., 2017)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `vaswani train`")
+        p.add_argument("--checkpoint", help="final (default), best, averaged, last, or step_NNNNNNN")
+        p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's, auto)")
+
+    p = sub.add_parser(
+        "train", help="train a model from a recipe", description="Train a model from a TOML recipe."
+    )
+    p.add_argument("config", metavar="CONFIG", help="a recipe file, e.g. configs/multi30k_en_de_cpu.toml")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=100"
+    )
+    p.add_argument("--run-dir", help="where to write the run (default: runs/<recipe name>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a run on a test split or files", description="Evaluate a run.")
+    run_options(p)
+    p.add_argument("--split", help="dataset split (default: test)")
+    p.add_argument("--src", help="translation: source file, one sentence a line")
+    p.add_argument("--ref", help="translation: reference file aligned with --src")
+    p.add_argument("--beam", type=int, help="beam size (default: the recipe's)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "translate", help="translate text", description="Translate texts (arguments or stdin lines)."
+    )
+    run_options(p)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--beam", type=int, help="beam size (default: the recipe's, 4)")
+    p.add_argument("--length-penalty", type=float, help="alpha of the length penalty (default: 0.6)")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser(
+        "classify", help="classify text", description="Classify texts (arguments or stdin lines)."
+    )
+    run_options(p)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="one JSON object per input, with all probabilities")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("generate", help="continue a prompt with a language model", description="Sample text.")
+    run_options(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "average", help="average the last N checkpoints", description="Checkpoint averaging (§6.1)."
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--last", type=int, required=True, metavar="N")
+    p.set_defaults(func=cmd_average)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling TEXT... at the first option; texts after options arrive here.
+    if extra and hasattr(args, "texts") and not any(e.startswith("-") for e in extra):
+        args.texts += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Recipes: one TOML file that says how to train a model (the model, the data, the optimisation, decoding).
+
+The one configuration system of the library: dataclasses, filled from a TOML file, changed with
+`--set section.key=value` overrides, validated on load. A wrong key or value fails with one line naming it
+(`[train] warmup_step: unknown key (did you mean warmup_steps?)`). The model section holds the fields of
+`TransformerConfig` (plus `preset`); the vocabulary size and special-token ids come from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaswani.config import TransformerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TASKS = ("translation", "classification", "lm")
+TOKENIZERS = ("bpe", "wordpiece", "chars")
+SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRESETS = ("base", "big", "small", "tiny")
+# Set from the tokenizer and the data, never by hand.
+DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that cannot work; the message is one line naming the key."""
+
+
+@dataclass
+class DataSection:
+    """What to train on and how to cut it into batches."""
+
+    task: str = "translation"  # translation | classification | lm
+    # multi30k | trec | trec-fine | sst2 | sst5 | bbc_news | ag_news | tiny_shakespeare | files
+    dataset: str = "multi30k"
+    data_dir: str | None = None  # else VASWANI_DATA, ../shared/data, the user cache
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # dataset = "files": the user's own data (parallel text files, or TSV/CSV/JSONL with text and label)
+    train_src: str | None = None
+    train_tgt: str | None = None
+    valid_src: str | None = None
+    valid_tgt: str | None = None
+    test_src: str | None = None
+    test_tgt: str | None = None
+    train_file: str | None = None
+    valid_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
+    limit_valid: int | None = None
+    tokenizer: str = "bpe"  # bpe | wordpiece | chars
+    vocab_size: int = 8000
+    lowercase: bool = False
+    max_tokens: int = 4096  # padded tokens per batch and side (the paper: about 25,000)
+    max_sentences: int | None = None
+    max_len: int = 256  # translation: longer pairs are left out of training; classification: truncated
+    block_size: int = 256  # lm: tokens per training window
+    batch_size: int = 32  # lm: windows per batch
+    windows_per_epoch: int = 1000  # lm: random windows that make one "epoch"
+
+
+@dataclass
+class TrainSection:
+    """Optimisation (§5.3-5.4 of the paper by default) and run bookkeeping."""
+
+    max_steps: int = 100_000
+    max_epochs: int | None = None
+    max_minutes: float | None = None  # stop after this wall time (makes the run length machine-dependent)
+    lr_schedule: str = "noam"  # noam (§5.3) | inverse_sqrt | cosine | constant
+    lr_scale: float = 1.0  # noam: factor on d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    lr: float = 5e-4  # peak learning rate of inverse_sqrt / cosine / constant
+    min_lr: float = 0.0  # cosine: the floor
+    warmup_steps: int = 4000
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    grad_accum: int = 1
+    clip_norm: float = 0.0  # 0 = no clipping (the paper clips nothing)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1
+    threads: int | None = None  # torch.set_num_threads; None leaves PyTorch's default
+    log_every: int = 50
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_checkpoints: int = 5
+    average_last: int = 5  # average the last N checkpoints at the end (§6.1); 0 or 1 = off
+    eval_bleu_sentences: int | None = None  # translation: validation sentences decoded for BLEU (None = all)
+    progress: bool = True
+
+
+@dataclass
+class DecodeSection:
+    """Decoding used for validation, `evaluate`, `translate` and `generate`."""
+
+    beam_size: int = 4  # §6.1
+    length_penalty: float = 0.6  # §6.1
+    max_new_tokens: int | None = None  # translation: None = source length + 50 (§6.1)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    batch_sentences: int = 64
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    description: str = ""
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "small"})
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    decode: DecodeSection = field(default_factory=DecodeSection)
+
+    def model_config(self, **derived: Any) -> TransformerConfig:
+        """The TransformerConfig of this recipe, with the derived fields (vocabulary, ids) filled in."""
+        values = dict(self.model)
+        preset = values.pop("preset", None)
+        values.update(derived)
+        try:
+            if preset is None:
+                return TransformerConfig(**values)
+            vocab_size = values.pop("vocab_size")
+            return getattr(TransformerConfig, preset)(vocab_size, **values)
+        except ValueError as error:
+            raise RecipeError(f"[model] {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check a TOML value against a dataclass field's type; ints are accepted where floats are."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in hints:
+        return None
+    for hint in hints:
+        if hint is bool and isinstance(value, bool):
+            return value
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
+    raise RecipeError(f"[{section}] {key} = {value!r}: expected {names}")
+
+
+def _fill(section: str, cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"[{section}] must be a table of key = value pairs")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(f"[{section}] {key}: unknown key{hint}")
+        kwargs[key] = _check_type(section, key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _check_model_section(values: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise RecipeError("[model] must be a table of key = value pairs")
+    allowed = {f.name for f in dataclasses.fields(TransformerConfig)} - set(DERIVED_MODEL_FIELDS)
+    for key, value in values.items():
+        if key == "preset":
+            if value not in PRESETS:
+                raise RecipeError(f"[model] preset = {value!r}: must be one of {PRESETS}")
+        elif key in DERIVED_MODEL_FIELDS:
+            raise RecipeError(f"[model] {key}: set from the tokenizer and data, not in the recipe")
+        elif key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(f"[model] {key}: unknown key{hint}")
+    return dict(values)
+
+
+def _validate(recipe: Recipe) -> None:
+    def need(ok: bool, where: str, why: str) -> None:
+        if not ok:
+            raise RecipeError(f"{where}: {why}")
+
+    d, t, dec = recipe.data, recipe.train, recipe.decode
+    need(d.task in TASKS, f"[data] task = {d.task!r}", f"must be one of {TASKS}")
+    need(d.tokenizer in TOKENIZERS, f"[data] tokenizer = {d.tokenizer!r}", f"must be one of {TOKENIZERS}")
+    need(
+        t.lr_schedule in SCHEDULES, f"[train] lr_schedule = {t.lr_schedule!r}", f"must be one of {SCHEDULES}"
+    )
+    need(t.precision in PRECISIONS, f"[train] precision = {t.precision!r}", f"must be one of {PRECISIONS}")
+    for section, obj, names in (
+        ("data", d, ("vocab_size", "max_tokens", "max_len", "block_size", "batch_size", "windows_per_epoch")),
+        (
+            "train",
+            t,
+            ("max_steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"),
+        ),
+        ("decode", dec, ("beam_size", "batch_sentences")),
+    ):
+        for name in names:
+            need(getattr(obj, name) >= 1, f"[{section}] {name} = {getattr(obj, name)!r}", "must be >= 1")
+    need(t.warmup_steps >= 0, f"[train] warmup_steps = {t.warmup_steps}", "must be >= 0")
+    need(
+        0.0 <= t.label_smoothing < 1.0, f"[train] label_smoothing = {t.label_smoothing}", "must be in [0, 1)"
+    )
+    need(t.lr > 0 and t.lr_scale > 0, "[train] lr / lr_scale", "must be > 0")
+    need(t.clip_norm >= 0, f"[train] clip_norm = {t.clip_norm}", "must be >= 0 (0 = off)")
+    need(t.average_last >= 0, f"[train] average_last = {t.average_last}", "must be >= 0")
+    need(dec.temperature > 0, f"[decode] temperature = {dec.temperature}", "must be > 0")
+    need(
+        t.average_last <= t.keep_checkpoints or t.average_last <= 1,
+        f"[train] average_last = {t.average_last}",
+        f"needs keep_checkpoints >= {t.average_last}",
+    )
+    recipe.model_config(vocab_size=max(d.vocab_size, 8), n_classes=2 if d.task == "classification" else None)
+
+
+def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from nested dicts (a parsed TOML file)."""
+    known = {"name", "description", "model", "data", "train", "decode"}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(f"{source}: unknown top-level key {key!r}{hint}")
+    recipe = Recipe(
+        name=str(values.get("name", "run")),
+        description=str(values.get("description", "")),
+        model=_check_model_section(values.get("model", {"preset": "small"})),
+        data=_fill("data", DataSection, values.get("data", {})),
+        train=_fill("train", TrainSection, values.get("train", {})),
+        decode=_fill("decode", DecodeSection, values.get("decode", {})),
+    )
+    _validate(recipe)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as TOML (numbers, booleans,
+    quoted strings, lists), and as a plain string when it is not valid TOML."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = values
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise RecipeError(f"--set {text!r}: {key} is not a section")
+        target[keys[-1]] = None if value == "none" else value
+    return values
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"cannot read recipe {path}: {error}") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML: {error}") from None
+    return recipe_from_dict(apply_overrides(values, overrides or []), source=str(path))
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """Write a recipe back as TOML (what a run directory keeps, so a run can be resumed and repeated)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        return repr(v)
+
+    lines = [f"name = {value(recipe.name)}", f"description = {value(recipe.description)}"]
+    for section in ("model", "data", "train", "decode"):
+        content = getattr(recipe, section)
+        items = content.items() if isinstance(content, dict) else dataclasses.asdict(content).items()
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in items if v is not None]
+    return "\n".join(lines) + "\n"

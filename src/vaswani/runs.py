@@ -1,0 +1,103 @@
+"""Run directories: what training leaves behind, and how to load it back for evaluation and inference.
+
+RUN_DIR/
+  recipe.toml          the recipe as trained (overrides applied)
+  tokenizer.json       the tokenizer (and labels.txt for a classifier)
+  metrics.jsonl        one JSON object per line: training and validation metrics by step
+  plots/*.png          the learning curves
+  checkpoints/         step_NNNNNNN/ (weights + optimizer/RNG/data position) and LATEST
+  best/                the weights with the best validation metric
+  averaged/            the average of the last checkpoints (§6.1)
+  FINAL                which of the above `evaluate`, `translate`, ... use by default
+  results_*.json       evaluation results
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vaswani.recipes import Recipe, load_recipe
+from vaswani.tasks import make_task
+from vaswani.training.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    latest_checkpoint,
+    load_weights,
+    save_checkpoint,
+    step_checkpoints,
+)
+from vaswani.training.trainer import RECIPE_FILE, resolve_device
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    task: object
+    model: nn.Module
+    device: torch.device
+    checkpoint: Path
+
+
+def checkpoint_path(run_dir: Path, name: str | None = None) -> Path:
+    """The checkpoint directory for `name`: "final" (default: what FINAL names), "best", "averaged", "last",
+    or a step checkpoint's name (step_0001000)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    name = name or "final"
+    if name == "final":
+        pointer = run_dir / "FINAL"
+        if pointer.is_file():
+            target = pointer.read_text(encoding="utf-8").strip()
+            if ".." in Path(target).parts or Path(target).is_absolute():
+                raise CheckpointError(f"{pointer}: corrupt pointer {target!r}")
+            return run_dir / target
+        name = "last"  # a run still training has no FINAL yet: its latest checkpoint is what there is
+    if name == "last":
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint yet")
+        return latest
+    if name in ("best", "averaged"):
+        return run_dir / name
+    if name.startswith("step_") and "/" not in name:
+        return run_dir / "checkpoints" / name
+    raise CheckpointError(f"unknown checkpoint {name!r}: use final, best, averaged, last or step_NNNNNNN")
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | None = None) -> LoadedRun:
+    """Load a trained run: its recipe, task (with the saved tokenizer), and model weights, ready for use."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    recipe_path = run_dir / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise CheckpointError(f"{run_dir}: not a vaswani run directory (no {RECIPE_FILE})")
+    recipe = load_recipe(recipe_path)
+    task = make_task(recipe, run_dir)
+    if not (run_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{run_dir}: no tokenizer.json")
+    chosen = checkpoint_path(run_dir, checkpoint)
+    target = resolve_device(device or recipe.train.device)
+    model = task.build_model()
+    load_weights(chosen, model)
+    model.to(target).eval()
+    return LoadedRun(recipe, task, model, target, chosen)
+
+
+def average_run(run_dir: str | Path, last: int) -> Path:
+    """Average the weights of the last `last` step checkpoints into RUN_DIR/averaged."""
+    run_dir = Path(run_dir)
+    if last < 1:
+        raise ValueError(f"--last {last}: must be at least 1")
+    checkpoints = step_checkpoints(run_dir / "checkpoints")
+    if len(checkpoints) < last:
+        raise CheckpointError(f"{run_dir}: asked to average {last} checkpoints, found {len(checkpoints)}")
+    loaded = load_run(run_dir, checkpoint="last", device="cpu")
+    chosen = checkpoints[-last:]
+    average_checkpoints(chosen, loaded.model)
+    return save_checkpoint(run_dir / "averaged", loaded.model, meta={"averaged": [p.name for p in chosen]})

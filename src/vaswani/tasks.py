@@ -1,0 +1,473 @@
+"""Tasks: what turns a recipe into data, a tokenizer, a model, batches, a loss and metrics.
+
+Three tasks share the training loop (vaswani.training.trainer):
+- `TranslationTask`: parallel text -> joint BPE (§5.1) -> `Transformer`, label-smoothed loss, BLEU.
+- `ClassificationTask`: labelled text -> word pieces -> `TransformerClassifier`, accuracy and macro-F1.
+- `LanguageModelTask`: a text stream -> characters (or BPE) -> `TransformerLM`, bits per character.
+
+A task reads its data lazily, so a trained run can be loaded for inference without the training data.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaswani.config import TransformerConfig
+from vaswani.data.batching import make_classification_batch, make_translation_batch, pad_batch, token_batches
+from vaswani.data.datasets import (
+    LabeledTexts,
+    ParallelCorpus,
+    load_classification,
+    load_labeled_file,
+    load_parallel_files,
+    load_tiny_shakespeare,
+    load_translation,
+)
+from vaswani.evaluation import classification_report, corpus_bleu, corpus_chrf
+from vaswani.models import Transformer, TransformerClassifier, TransformerLM
+from vaswani.recipes import Recipe
+from vaswani.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, Tokenizer
+from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
+
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.txt"
+
+
+class _Task:
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+
+    # ------------------------------------------------------------------ tokenizer
+    def _training_texts(self) -> list[str]:
+        raise NotImplementedError
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer: loaded from the run directory, or trained on the training data and saved."""
+        path = self.run_dir / TOKENIZER_FILE
+        if path.is_file():
+            return Tokenizer.load(path)
+        d = self.recipe.data
+        texts = self._training_texts()
+        if d.tokenizer == "chars":
+            tokenizer = Tokenizer.train_chars(texts)
+        elif d.tokenizer == "wordpiece":
+            tokenizer = Tokenizer.train_wordpiece(texts, d.vocab_size, lowercase=d.lowercase)
+        else:
+            tokenizer = Tokenizer.train_bpe(texts, d.vocab_size)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+        return tokenizer
+
+    def model_config(self) -> TransformerConfig:
+        return self.recipe.model_config(
+            vocab_size=self.tokenizer.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID
+        )
+
+    def _seeded_batches(self, src_lengths, tgt_lengths, epoch: int, shuffle: bool = True) -> list[list[int]]:
+        d = self.recipe.data
+        return token_batches(
+            src_lengths,
+            tgt_lengths,
+            d.max_tokens,
+            shuffle=shuffle,
+            seed=self.recipe.train.seed,
+            epoch=epoch,
+            max_sentences=d.max_sentences,
+        )
+
+
+def _limit(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+class TranslationTask(_Task):
+    """Sequence-to-sequence translation with the encoder-decoder (the paper's task, §6.1)."""
+
+    best_metric = ("valid_bleu", True)
+
+    # ------------------------------------------------------------------ data
+    def corpus(self, split: str) -> ParallelCorpus:
+        d = self.recipe.data
+        if d.dataset == "files":
+            files = {"train": (d.train_src, d.train_tgt), "valid": (d.valid_src, d.valid_tgt)}
+            files["test"] = (d.test_src, d.test_tgt)
+            src, tgt = files.get(split, (None, None))
+            if not src or not tgt:
+                raise ValueError(
+                    f"[data] dataset = 'files' needs {split}_src and {split}_tgt for the {split} split"
+                )
+            return load_parallel_files(src, tgt, d.src_lang, d.tgt_lang)
+        split_name = {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
+        return load_translation(d.dataset, split_name, d.src_lang, d.tgt_lang, data_dir=d.data_dir)
+
+    @cached_property
+    def train_corpus(self) -> ParallelCorpus:
+        corpus = self.corpus("train")
+        n = self.recipe.data.limit_train
+        return ParallelCorpus(_limit(corpus.src, n), _limit(corpus.tgt, n), corpus.src_lang, corpus.tgt_lang)
+
+    @cached_property
+    def valid_corpus(self) -> ParallelCorpus:
+        corpus = self.corpus("valid")
+        n = self.recipe.data.limit_valid
+        return ParallelCorpus(_limit(corpus.src, n), _limit(corpus.tgt, n), corpus.src_lang, corpus.tgt_lang)
+
+    def _training_texts(self) -> list[str]:
+        # One joint vocabulary for both languages (§5.1: "a shared source-target vocabulary").
+        return self.train_corpus.src + self.train_corpus.tgt
+
+    @cached_property
+    def train_ids(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Encoded training pairs; pairs longer than data.max_len on either side are left out."""
+        src = self.tokenizer.encode_batch(self.train_corpus.src)
+        tgt = self.tokenizer.encode_batch(self.train_corpus.tgt)
+        limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
+        keep = [i for i in range(len(src)) if 0 < len(src[i]) <= limit and 0 < len(tgt[i]) <= limit]
+        return [src[i] for i in keep], [tgt[i] for i in keep]
+
+    @cached_property
+    def valid_ids(self) -> tuple[list[list[int]], list[list[int]]]:
+        return self.tokenizer.encode_batch(self.valid_corpus.src), self.tokenizer.encode_batch(
+            self.valid_corpus.tgt
+        )
+
+    # ------------------------------------------------------------------ training
+    def build_model(self) -> Transformer:
+        return Transformer(self.model_config())
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        src, tgt = self.train_ids
+        return self._seeded_batches([len(s) for s in src], [len(t) + 1 for t in tgt], epoch)
+
+    def make_batch(self, indices: list[int], device: torch.device):
+        src, tgt = self.train_ids
+        return self._batch([src[i] for i in indices], [tgt[i] for i in indices], device)
+
+    @staticmethod
+    def _batch(src: list[list[int]], tgt: list[list[int]], device: torch.device):
+        batch = make_translation_batch(src, tgt, BOS_ID, EOS_ID, PAD_ID)
+        return batch.to(device)
+
+    def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        logits = model(batch.src, batch.tgt_in)
+        return label_smoothed_cross_entropy(logits, batch.tgt_out, label_smoothing, PAD_ID)
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch.n_src_tokens) + int(batch.n_tgt_tokens)
+
+    def loss_denominator(self, batch) -> int:
+        return int((batch.tgt_out != PAD_ID).sum())
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Validation NLL per target token, perplexity, and BLEU of greedy decoding (beam search is used by
+        `evaluate`; greedy keeps periodic validation cheap)."""
+        src, tgt = self.valid_ids
+        total = count = 0.0
+        for indices in self._seeded_batches(
+            [len(s) for s in src], [len(t) + 1 for t in tgt], 0, shuffle=False
+        ):
+            batch = self._batch([src[i] for i in indices], [tgt[i] for i in indices], device)
+            out = self.loss(model, batch, 0.0)
+            total += out.nll.item() * int(out.n_tokens)
+            count += int(out.n_tokens)
+        nll = total / max(count, 1)
+        metrics = {"valid_nll": nll, "valid_ppl": math.exp(min(nll, 50.0))}
+        n = self.recipe.train.eval_bleu_sentences
+        sources = _limit(self.valid_corpus.src, n)
+        if sources:
+            hypotheses = self.translate(model, sources, device, beam_size=1)
+            metrics["valid_bleu"] = corpus_bleu(hypotheses, _limit(self.valid_corpus.tgt, n)).score
+        return metrics
+
+    # ------------------------------------------------------------------ inference
+    def translate(
+        self,
+        model: Transformer,
+        texts: list[str],
+        device: torch.device,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Translate texts in batches of similar length; outputs come back in input order."""
+        dec = self.recipe.decode
+        beam = dec.beam_size if beam_size is None else beam_size
+        alpha = dec.length_penalty if length_penalty is None else length_penalty
+        limit = dec.max_new_tokens if max_new_tokens is None else max_new_tokens
+        encoded = self.tokenizer.encode_batch(list(texts))
+        max_len = model.config.max_len
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"input {i + 1} is empty: nothing to translate")
+            if len(ids) > max_len:
+                raise ValueError(f"input {i + 1} has {len(ids)} tokens; the model takes at most {max_len}")
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        outputs: list[str] = [""] * len(encoded)
+        model.eval()
+        for start in range(0, len(order), dec.batch_sentences):
+            chunk = order[start : start + dec.batch_sentences]
+            src = pad_batch([encoded[i] for i in chunk], PAD_ID).to(device)
+            generated = model.generate(src, max_new_tokens=limit, beam_size=beam, length_penalty=alpha)
+            for i, row in zip(chunk, generated.tolist(), strict=True):
+                tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
+                outputs[i] = self.tokenizer.decode(tokens)
+        return outputs
+
+    def evaluate(self, model: Transformer, device: torch.device, sources: list[str], references: list[str]):
+        hypotheses = self.translate(model, sources, device)
+        bleu, chrf = corpus_bleu(hypotheses, references), corpus_chrf(hypotheses, references)
+        return hypotheses, {"bleu": bleu.to_dict(), "chrf": chrf.to_dict(), "sentences": len(sources)}
+
+
+class ClassificationTask(_Task):
+    """Text classification with the encoder and a [CLS] token."""
+
+    best_metric = ("valid_accuracy", True)
+
+    def data(self, split: str) -> LabeledTexts:
+        d = self.recipe.data
+        if d.dataset == "files":
+            path = {"train": d.train_file, "valid": d.valid_file, "test": d.test_file}.get(split)
+            if not path:
+                raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
+            return load_labeled_file(path, d.text_column, d.label_column, label_names=self._known_labels())
+        split_name = {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
+        return load_classification(d.dataset, split_name, data_dir=d.data_dir)
+
+    def _known_labels(self) -> list[str] | None:
+        path = self.run_dir / LABELS_FILE
+        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+
+    @cached_property
+    def label_names(self) -> list[str]:
+        known = self._known_labels()
+        if known is not None:
+            return known
+        names = self.train_data.label_names
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / LABELS_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
+        return names
+
+    @cached_property
+    def train_data(self) -> LabeledTexts:
+        data = self.data("train")
+        n = self.recipe.data.limit_train
+        return LabeledTexts(_limit(data.texts, n), _limit(data.labels, n), data.label_names)
+
+    @cached_property
+    def valid_data(self) -> LabeledTexts:
+        data = self.data("valid")
+        n = self.recipe.data.limit_valid
+        return LabeledTexts(_limit(data.texts, n), _limit(data.labels, n), data.label_names)
+
+    def _training_texts(self) -> list[str]:
+        return self.train_data.texts
+
+    def model_config(self) -> TransformerConfig:
+        return self.recipe.model_config(
+            vocab_size=self.tokenizer.vocab_size,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            cls_id=CLS_ID,
+            n_classes=len(self.label_names),
+        )
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, truncated so that [CLS] + ids fits max_len (long articles keep their beginning)."""
+        limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
+        encoded = [ids[:limit] for ids in self.tokenizer.encode_batch(list(texts))]
+        return [ids if ids else [self.tokenizer.unk_id] for ids in encoded]
+
+    @cached_property
+    def train_ids(self) -> list[list[int]]:
+        return self.encode(self.train_data.texts)
+
+    @cached_property
+    def valid_ids(self) -> list[list[int]]:
+        return self.encode(self.valid_data.texts)
+
+    def build_model(self) -> TransformerClassifier:
+        return TransformerClassifier(self.model_config())
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return self._seeded_batches([len(s) + 1 for s in self.train_ids], None, epoch)
+
+    def make_batch(self, indices: list[int], device: torch.device):
+        labels = [self.train_data.labels[i] for i in indices]
+        return make_classification_batch([self.train_ids[i] for i in indices], labels, PAD_ID).to(device)
+
+    def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        logits = model(batch.ids).float()
+        loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+        nll = F.cross_entropy(logits, batch.labels) if label_smoothing > 0 else loss
+        return LossOutput(loss, nll.detach(), torch.tensor(batch.labels.numel()))
+
+    def batch_tokens(self, batch) -> int:
+        return int((batch.ids != PAD_ID).sum())
+
+    def loss_denominator(self, batch) -> int:
+        return int(batch.labels.numel())
+
+    def predict(
+        self, model: TransformerClassifier, ids: list[list[int]], device: torch.device
+    ) -> torch.Tensor:
+        """Class probabilities (N, n_classes), in input order."""
+        order = self._seeded_batches([len(s) + 1 for s in ids], None, 0, shuffle=False)
+        probs = torch.empty(len(ids), len(self.label_names))
+        model.eval()
+        with torch.no_grad():
+            for indices in order:
+                batch = pad_batch([ids[i] for i in indices], PAD_ID).to(device)
+                probs[indices] = torch.softmax(model(batch).float(), dim=-1).cpu()
+        return probs
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        probs = self.predict(model, self.valid_ids, device)
+        labels = torch.tensor(self.valid_data.labels)
+        nll = F.nll_loss(probs.clamp(min=1e-12).log(), labels).item()
+        accuracy = (probs.argmax(-1) == labels).float().mean().item()
+        return {"valid_nll": nll, "valid_accuracy": accuracy}
+
+    def evaluate(self, model, device, texts: list[str], labels: list[int]):
+        predictions = self.predict(model, self.encode(texts), device).argmax(-1).tolist()
+        return predictions, classification_report(predictions, labels, self.label_names)
+
+
+class LanguageModelTask(_Task):
+    """Language modelling with the decoder-only model on a character (or subword) stream."""
+
+    best_metric = ("valid_nll", False)
+
+    def text(self, split: str) -> str:
+        d = self.recipe.data
+        if d.dataset == "files":
+            path = {"train": d.train_file, "valid": d.valid_file, "test": d.test_file}.get(split)
+            if not path:
+                raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
+            try:
+                return Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"cannot read {path}: {error}") from None
+        if d.dataset != "tiny_shakespeare":
+            raise ValueError(
+                f"[data] dataset = {d.dataset!r}: language modelling reads tiny_shakespeare or files"
+            )
+        split_name = {"train": d.train_split, "valid": d.valid_split}.get(split, split)
+        return load_tiny_shakespeare(split_name, data_dir=d.data_dir)
+
+    @cached_property
+    def train_text(self) -> str:
+        return self.text("train")
+
+    @cached_property
+    def valid_text(self) -> str:
+        return self.text("valid")
+
+    def _training_texts(self) -> list[str]:
+        return [self.train_text]
+
+    @cached_property
+    def train_stream(self) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(self.train_text), dtype=torch.long)
+
+    @cached_property
+    def valid_stream(self) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(self.valid_text), dtype=torch.long)
+
+    def build_model(self) -> TransformerLM:
+        return TransformerLM(self.model_config())
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """Random window starts, drawn from a generator seeded by (seed, epoch): reproducible on resume."""
+        d = self.recipe.data
+        generator = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
+        high = len(self.train_stream) - d.block_size  # a window holds block_size + 1 tokens
+        if high <= 0:
+            raise ValueError(f"training text has {len(self.train_stream)} tokens: fewer than block_size + 1")
+        starts = torch.randint(
+            0, high, (max(1, d.windows_per_epoch // d.batch_size), d.batch_size), generator=generator
+        )
+        return list(starts)
+
+    def make_batch(self, starts: torch.Tensor, device: torch.device):
+        offsets = starts[:, None] + torch.arange(self.recipe.data.block_size + 1)
+        windows = self.train_stream[offsets]
+        return windows[:, :-1].to(device), windows[:, 1:].to(device)
+
+    def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        x, y = batch
+        return label_smoothed_cross_entropy(model(x), y, label_smoothing, PAD_ID)
+
+    def batch_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def loss_denominator(self, batch) -> int:
+        return int((batch[1] != PAD_ID).sum())
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """NLL per token over the whole validation text in non-overlapping windows; bits per character."""
+        block = min(self.recipe.data.block_size, model.config.max_len)
+        stream = self.valid_stream
+        n_windows = (len(stream) - 1) // block
+        if n_windows == 0:
+            return {}
+        usable = n_windows * block
+        x = stream[:usable].view(n_windows, block)
+        y = stream[1 : usable + 1].view(n_windows, block)
+        total = 0.0
+        batch = self.recipe.data.batch_size
+        for i in range(0, n_windows, batch):
+            logits = model(x[i : i + batch].to(device)).float()
+            total += F.cross_entropy(
+                logits.flatten(0, 1), y[i : i + batch].flatten().to(device), reduction="sum"
+            ).item()
+        nll = total / usable
+        characters = len(self.tokenizer.decode(y.flatten().tolist()))
+        return {"valid_nll": nll, "valid_bpc": total / max(characters, 1) / math.log(2)}
+
+    def generate(self, model: TransformerLM, prompt: str, device: torch.device, **options: Any) -> str:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
+        dec = self.recipe.decode
+        settings = {
+            "temperature": dec.temperature,
+            "top_k": dec.top_k,
+            "top_p": dec.top_p,
+            "max_new_tokens": 200,
+        }
+        settings.update({k: v for k, v in options.items() if v is not None})
+        do_sample = settings.get("temperature", 1.0) > 0
+        prompt_ids = torch.tensor([ids], device=device)
+        limit = model.config.max_len - len(ids) + 1
+        if limit < 1:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
+            )
+        out = model.generate(
+            prompt_ids,
+            max_new_tokens=min(settings["max_new_tokens"], limit),
+            do_sample=do_sample,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+            generator=options.get("generator"),
+        )
+        tokens = out[0].tolist()
+        return self.tokenizer.decode(tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
+
+
+TASK_CLASSES = {"translation": TranslationTask, "classification": ClassificationTask, "lm": LanguageModelTask}
+
+
+def make_task(recipe: Recipe, run_dir: Path) -> _Task:
+    return TASK_CLASSES[recipe.data.task](recipe, run_dir)

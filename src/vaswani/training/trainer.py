@@ -1,0 +1,348 @@
+"""The training loop: the paper's optimiser and schedule (§5.3), label smoothing (§5.4), gradient
+accumulation, clipping, mixed precision, periodic validation, checkpoints that resume exactly, keep-best
+and the average of the last checkpoints (§6.1).
+
+The loop knows nothing of translation or classification: a `Task` (vaswani.tasks) builds the model, lists
+each epoch's batches, computes the loss of one batch and validates. What the loop owns is the order of
+events, so that a resumed run replays exactly what an uninterrupted one would have done: data position
+(epoch, batch), optimizer and scheduler state and every RNG are part of each checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vaswani.evaluation import plot_training_curves, read_metrics
+from vaswani.recipes import Recipe, recipe_to_toml
+from vaswani.training.checkpoint import (
+    atomic_write_text,
+    average_checkpoints,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+    set_latest,
+    step_checkpoints,
+)
+from vaswani.training.losses import LossOutput
+from vaswani.training.schedules import cosine_lr, inverse_sqrt_lr, noam_lr
+
+METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.toml"
+
+
+class Task(Protocol):
+    """What the training loop needs from a task (see vaswani.tasks)."""
+
+    #: validation metric used to keep the best checkpoint, and whether higher is better
+    best_metric: tuple[str, bool]
+
+    def build_model(self) -> nn.Module: ...
+
+    def epoch_batches(self, epoch: int) -> list[Any]: ...
+
+    def make_batch(self, spec: Any, device: torch.device) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any, label_smoothing: float) -> LossOutput: ...
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Real (non-pad) tokens in the batch, source and target: what tokens/s counts."""
+        ...
+
+    def loss_denominator(self, batch: Any) -> int:
+        """What the loss is averaged over (target tokens, or examples), known before the forward pass."""
+        ...
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """The one place that picks the device: "auto" is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"[train] device = {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def learning_rate_function(recipe: Recipe, d_model: int):
+    """step (1-based) -> learning rate, for the schedule the recipe names."""
+    t = recipe.train
+    if t.lr_schedule == "noam":
+        return lambda step: noam_lr(step, d_model, max(t.warmup_steps, 1), t.lr_scale)
+    if t.lr_schedule == "inverse_sqrt":
+        return lambda step: inverse_sqrt_lr(step, t.lr, max(t.warmup_steps, 1))
+    if t.lr_schedule == "cosine":
+        return lambda step: cosine_lr(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr)
+    return lambda step: t.lr * min(1.0, step / max(t.warmup_steps, 1))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    tokens: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    elapsed: float = 0.0
+    history: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "history"}
+
+
+class Trainer:
+    """Trains a task's model into a run directory, resuming from its last checkpoint on request."""
+
+    def __init__(self, recipe: Recipe, task: Task, run_dir: Path, resume: bool = False) -> None:
+        self.recipe, self.task, self.run_dir = recipe, task, Path(run_dir)
+        self.resume = resume
+        self.device = resolve_device(recipe.train.device)
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / METRICS_FILE
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_run_dir(self) -> None:
+        if not self.resume and latest_checkpoint(self.checkpoints_dir) is not None:
+            raise ValueError(
+                f"{self.run_dir} already holds a training run: pass --resume to continue it, "
+                "or choose another --run-dir"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        probe = self.run_dir / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"run directory {self.run_dir} is not writable: {error.strerror}") from None
+        (self.run_dir / RECIPE_FILE).write_text(recipe_to_toml(self.recipe), encoding="utf-8")
+
+    def _autocast(self):
+        precision = self.recipe.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        recipe, t = self.recipe, self.recipe.train
+        self._prepare_run_dir()
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(t.seed)
+        model = self.task.build_model().to(self.device)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=1.0, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay
+        )
+        lr_at = learning_rate_function(recipe, model.config.d_model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i + 1))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        state = TrainState()
+        if self.resume:
+            state = self._restore(model, optimizer, scheduler, scaler)
+        step_model = torch.compile(model) if t.compile else model
+
+        batches = self.task.epoch_batches(state.epoch)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=state.step,
+            disable=not t.progress,
+            dynamic_ncols=True,
+            desc=recipe.name,
+            unit="step",
+        )
+        started = time.perf_counter() - state.elapsed
+        window_tokens, window_start = 0, time.perf_counter()
+        saved_at = state.step
+        model.train()
+        while state.step < t.max_steps:
+            if t.max_epochs is not None and state.epoch >= t.max_epochs:
+                break
+            if t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes:
+                break
+            specs = []
+            while len(specs) < t.grad_accum:
+                if state.batch_in_epoch >= len(batches):
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    batches = self.task.epoch_batches(state.epoch)
+                specs.append(batches[state.batch_in_epoch])
+                state.batch_in_epoch += 1
+            micro = [self.task.make_batch(spec, self.device) for spec in specs]
+            loss, nll, n_tokens = self._step(step_model, micro, optimizer, scaler)
+            scheduler.step()
+            state.step += 1
+            counted = sum(self.task.batch_tokens(b) for b in micro)
+            state.tokens += counted
+            window_tokens += counted
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {state.step} (epoch {state.epoch}); "
+                    "the last good checkpoint is kept"
+                )
+            bar.update(1)
+            if state.step % t.log_every == 0 or state.step == 1:
+                now = time.perf_counter()
+                record = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": round(loss, 6),
+                    "nll": round(nll, 6),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                    "target_tokens": n_tokens,
+                }
+                self._log(record)
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+                window_tokens, window_start = 0, now
+            last_step = state.step >= t.max_steps
+            if state.step % t.eval_every == 0 or last_step:
+                self._validate(model, state)
+                model.train()
+            if state.step % t.save_every == 0 or last_step:
+                state.elapsed = time.perf_counter() - started
+                self._save(model, optimizer, scheduler, scaler, state)
+                saved_at = state.step
+        if saved_at != state.step:
+            # Stopped by max_epochs or max_minutes between checkpoints: validate and save where we are.
+            self._validate(model, state)
+            state.elapsed = time.perf_counter() - started
+            self._save(model, optimizer, scheduler, scaler, state)
+        bar.close()
+        self._finish(model, state)
+        return state
+
+    def _step(self, model, micro, optimizer, scaler) -> tuple[float, float, int]:
+        """One optimizer step over the micro-batches of `micro`, equivalent to one step on their union:
+        each micro-batch's summed loss is divided by the target tokens of the whole step."""
+        t = self.recipe.train
+        total = sum(int(self.task.loss_denominator(b)) for b in micro)
+        loss_sum = nll_sum = 0.0
+        for batch in micro:
+            with self._autocast():
+                out = self.task.loss(model, batch, t.label_smoothing)
+            weight = float(out.n_tokens) / max(total, 1)
+            scaler.scale(out.loss * weight).backward()
+            loss_sum += out.loss.item() * float(out.n_tokens)
+            nll_sum += out.nll.item() * float(out.n_tokens)
+        if t.clip_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / max(total, 1), nll_sum / max(total, 1), total
+
+    # ------------------------------------------------------------------ validation, logging
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _validate(self, model: nn.Module, state: TrainState) -> None:
+        model.eval()
+        with torch.no_grad():
+            metrics = self.task.validate(model, self.device)
+        self._log({"step": state.step, "split": "valid", **{k: round(v, 6) for k, v in metrics.items()}})
+        name, higher_is_better = self.task.best_metric
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return
+        better = state.best_value is None or (
+            value > state.best_value if higher_is_better else value < state.best_value
+        )
+        if better:
+            state.best_value, state.best_step = value, state.step
+            save_checkpoint(self.run_dir / "best", model, meta={"step": state.step, name: value})
+        tqdm.write(
+            f"step {state.step}: "
+            + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            + ("  (best so far)" if better else "")
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, model, optimizer, scheduler, scaler, state: TrainState) -> None:
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "state": state.as_dict(),
+        }
+        name = f"step_{state.step:07d}"
+        save_checkpoint(
+            self.checkpoints_dir / name,
+            model,
+            training_state,
+            meta={"step": state.step, "epoch": state.epoch},
+        )
+        set_latest(self.checkpoints_dir, name)
+        keep = max(self.recipe.train.keep_checkpoints, self.recipe.train.average_last, 1)
+        for old in step_checkpoints(self.checkpoints_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, model, optimizer, scheduler, scaler) -> TrainState:
+        checkpoint = latest_checkpoint(self.checkpoints_dir)
+        if checkpoint is None:
+            raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        load_weights(checkpoint, model)
+        saved = load_training_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if saved["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        state = TrainState(**saved["state"])
+        tqdm.write(f"resuming {self.run_dir} from {checkpoint.name} (step {state.step}, epoch {state.epoch})")
+        return state
+
+    def _finish(self, model: nn.Module, state: TrainState) -> None:
+        """Average the last checkpoints (§6.1), choose the final weights, draw the curves."""
+        n = self.recipe.train.average_last
+        final = "best" if (self.run_dir / "best").is_dir() else None
+        checkpoints = step_checkpoints(self.checkpoints_dir)
+        if final is None and checkpoints:
+            final = f"checkpoints/{checkpoints[-1].name}"
+        if n > 1 and len(checkpoints) >= 2:
+            chosen = checkpoints[-n:]
+            average_checkpoints(chosen, model)
+            save_checkpoint(
+                self.run_dir / "averaged",
+                model,
+                meta={"step": state.step, "averaged": [p.name for p in chosen]},
+            )
+            model.eval()
+            with torch.no_grad():
+                metrics = self.task.validate(model, self.device)
+            self._log({"step": state.step, "split": "valid", "checkpoint": "averaged", **metrics})
+            name, higher = self.task.best_metric
+            value = metrics.get(name)
+            if value is not None and (
+                state.best_value is None or (value > state.best_value if higher else value < state.best_value)
+            ):
+                final = "averaged"
+            tqdm.write(
+                f"averaged {len(chosen)} checkpoints: "
+                + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                + f"  -> final weights: {final}"
+            )
+        if final is not None:
+            atomic_write_text(self.run_dir / "FINAL", final + "\n")
+        plot_training_curves(read_metrics(self.metrics_path), self.run_dir / "plots")

@@ -1,0 +1,179 @@
+"""End to end through the `vaswani` command: train on small slices of real data, evaluate, use the model,
+and get one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaswani.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real datasets not found at {DATA}")
+
+QUICK = [
+    "model.preset=tiny",
+    "train.progress=false",
+    "train.log_every=5",
+    f"data.data_dir={json.dumps(str(DATA))}",
+]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(config, run_dir, *overrides):
+    args = ["train", str(ROOT / "configs" / config), "--run-dir", str(run_dir)]
+    for value in [*QUICK, *overrides]:
+        args += ["--set", value]
+    assert main(args) == 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_data
+@pytest.mark.slow
+def test_translation_end_to_end_on_a_slice_of_multi30k(tmp_path, capsys):
+    run = tmp_path / "mt"
+    train(
+        "demo.toml",
+        run,
+        "data.limit_train=400",
+        "data.limit_valid=40",
+        "data.vocab_size=600",
+        "data.max_tokens=1200",
+        "train.max_steps=40",
+        "train.eval_every=20",
+        "train.save_every=10",
+        "train.warmup_steps=10",
+        "train.lr_scale=1.0",
+        "train.eval_bleu_sentences=10",
+        "decode.beam_size=2",
+    )
+    lines = metrics(run)
+    train_lines = [r for r in lines if "split" not in r]
+    assert all({"step", "loss", "nll", "lr", "tokens_per_s"} <= set(r) for r in train_lines)
+    assert train_lines[-1]["loss"] < 0.85 * train_lines[0]["loss"]
+    valid = [r for r in lines if r.get("split") == "valid"]
+    assert valid and all("valid_bleu" in r and "valid_nll" in r for r in valid)
+    assert (run / "tokenizer.json").is_file() and (run / "plots" / "loss.png").is_file()
+    out = capsys.readouterr().out
+    assert f"Run directory {run}" in out
+
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
+    ref.write_text("Ein Mann fährt Fahrrad.\nZwei Hunde spielen im Schnee.\n")
+    assert main(["evaluate", str(run), "--src", str(src), "--ref", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert "BLEU = " in out and "tok:13a" in out
+    results = json.loads((run / "results_files.json").read_text())
+    assert results["sentences"] == 2 and "signature" in results["bleu"]
+    assert len((run / "hypotheses_files.txt").read_text().splitlines()) == 2
+
+    assert main(["translate", str(run), "A dog runs.", "A woman sings.", "--beam", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["average", str(run), "--last", "2"]) == 0
+    assert main(["translate", str(run), "--checkpoint", "averaged", "A dog runs."]) == 0
+    capsys.readouterr()
+    assert main(["translate", str(run), "x" * 2000]) == 2
+    assert "the model takes at most" in capsys.readouterr().err
+
+
+@needs_data
+@pytest.mark.slow
+def test_classification_end_to_end_on_a_slice_of_trec(tmp_path, capsys):
+    run = tmp_path / "trec"
+    train(
+        "trec.toml",
+        run,
+        "data.limit_train=600",
+        "data.vocab_size=800",
+        "train.max_steps=40",
+        "train.eval_every=20",
+        "train.save_every=20",
+        "train.warmup_steps=10",
+        "train.lr=1e-3",
+    )
+    train_lines = [r for r in metrics(run) if "split" not in r]
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+    valid = [r for r in metrics(run) if r.get("split") == "valid"]
+    assert valid and all(0.0 <= r["valid_accuracy"] <= 1.0 for r in valid)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy = " in out and "macro-F1" in out
+    results = json.loads((run / "results_test.json").read_text())
+    assert sum(sum(row) for row in results["confusion"]) == 500
+    assert (run / "confusion_test.png").is_file()
+    assert main(["classify", str(run), "--json", "Who wrote Hamlet ?", "How far is the moon ?"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and rows[0]["label"] in rows[0]["probabilities"]
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@needs_data
+@pytest.mark.slow
+def test_language_model_end_to_end_on_tiny_shakespeare(tmp_path, capsys):
+    run = tmp_path / "lm"
+    train(
+        "tiny_shakespeare.toml",
+        run,
+        "data.block_size=32",
+        "data.batch_size=8",
+        "train.max_steps=20",
+        "train.eval_every=20",
+        "train.save_every=20",
+        "train.warmup_steps=5",
+    )
+    valid = [r for r in metrics(run) if r.get("split") == "valid"]
+    assert valid[-1]["valid_bpc"] > 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) > len("ROMEO:")
+    assert main(["evaluate", str(run)]) == 0
+    assert "bits per character" in capsys.readouterr().out
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "vaswani.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "missing.toml"], "recipe file not found"),
+        (
+            ["train", "configs/demo.toml", "--set", "train.max_step=1"],
+            "unknown key (did you mean max_steps?)",
+        ),
+        (["train", "configs/demo.toml", "--set", "train.precision=fp8"], "precision = 'fp8'"),
+        (["evaluate", "no-such-run"], "run directory not found"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, message):
+    result = run_cli(*args, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+
+
+def test_every_command_has_help():
+    for command in ("train", "evaluate", "translate", "classify", "generate", "average"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: vaswani" in result.stdout
