@@ -130,3 +130,16 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
     model = task.build_model()
     load_weights(checkpoint, model)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_runs_and_follows_fp32(tmp_path, precision):
+    results = {}
+    for p in ("fp32", precision):
+        task = CopyTask(batch_size=16)
+        options = {"lr_scale": 0.2, "warmup_steps": 10, "precision": p, "average_last": 0}
+        Trainer(recipe(max_steps=12, **options), task, tmp_path / p).fit()
+        results[p] = [r["loss"] for r in records(tmp_path / p)]
+    assert all(map(lambda x: x == x, results[precision]))  # no NaN
+    # Low precision changes the numbers a little, not the course of training.
+    assert results[precision] == pytest.approx(results["fp32"], rel=0.05)

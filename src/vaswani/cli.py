@@ -56,7 +56,10 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.config, args.set)
+    overrides = list(args.set)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
+    recipe = load_recipe(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)
     task = make_task(recipe, run_dir)
     print(
@@ -73,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint, args.device)
+    if args.data_dir:
+        run.recipe.data.data_dir = args.data_dir
     task = run.task
     run_dir = Path(args.run_dir)
     if args.beam is not None:
@@ -123,10 +128,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_translate(args: argparse.Namespace) -> int:
+def _load_run_of(args: argparse.Namespace, task_class: type, what: str):
     run = load_run(args.run_dir, args.checkpoint, args.device)
-    if not isinstance(run.task, TranslationTask):
-        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a translation run")
+    if not isinstance(run.task, task_class):
+        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a {what} run")
+    return run
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    run = _load_run_of(args, TranslationTask, "translation")
     texts = _read_inputs(args.texts)
     outputs = run.task.translate(
         run.model, texts, run.device, beam_size=args.beam, length_penalty=args.length_penalty
@@ -137,9 +147,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    run = load_run(args.run_dir, args.checkpoint, args.device)
-    if not isinstance(run.task, ClassificationTask):
-        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a classification run")
+    run = _load_run_of(args, ClassificationTask, "classification")
     texts = _read_inputs(args.texts)
     probs = run.task.predict(run.model, run.task.encode(texts), run.device)
     names = run.task.label_names
@@ -157,9 +165,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    run = load_run(args.run_dir, args.checkpoint, args.device)
-    if not isinstance(run.task, LanguageModelTask):
-        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a language model run")
+    run = _load_run_of(args, LanguageModelTask, "language model")
     generator = torch.Generator(device=run.device).manual_seed(args.seed) if args.seed is not None else None
     text = run.task.generate(
         run.model,
@@ -202,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", help="where to write the run (default: runs/<recipe name>)")
     p.add_argument(
+        "--data-dir", help="where the datasets are (default: $VASWANI_DATA, ../shared/data, the user cache)"
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint"
     )
     p.set_defaults(func=cmd_train)
@@ -212,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="translation: source file, one sentence a line")
     p.add_argument("--ref", help="translation: reference file aligned with --src")
     p.add_argument("--beam", type=int, help="beam size (default: the recipe's)")
+    p.add_argument("--data-dir", help="where the datasets are (default: as for train)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -71,6 +71,19 @@ class _Task:
             vocab_size=self.tokenizer.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID
         )
 
+    # ------------------------------------------------------------------ data
+    def _split_name(self, split: str) -> str:
+        """The dataset's own name for "train", "valid" or "test", as the recipe sets it."""
+        d = self.recipe.data
+        return {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
+
+    def _user_file(self, split: str) -> str:
+        """dataset = "files": the recipe's {split}_file."""
+        path = getattr(self.recipe.data, f"{split}_file", None)
+        if not path:
+            raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
+        return path
+
     def _seeded_batches(self, src_lengths, tgt_lengths, epoch: int, shuffle: bool = True) -> list[list[int]]:
         d = self.recipe.data
         return token_batches(
@@ -97,16 +110,15 @@ class TranslationTask(_Task):
     def corpus(self, split: str) -> ParallelCorpus:
         d = self.recipe.data
         if d.dataset == "files":
-            files = {"train": (d.train_src, d.train_tgt), "valid": (d.valid_src, d.valid_tgt)}
-            files["test"] = (d.test_src, d.test_tgt)
-            src, tgt = files.get(split, (None, None))
+            src, tgt = getattr(d, f"{split}_src", None), getattr(d, f"{split}_tgt", None)
             if not src or not tgt:
                 raise ValueError(
                     f"[data] dataset = 'files' needs {split}_src and {split}_tgt for the {split} split"
                 )
             return load_parallel_files(src, tgt, d.src_lang, d.tgt_lang)
-        split_name = {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
-        return load_translation(d.dataset, split_name, d.src_lang, d.tgt_lang, data_dir=d.data_dir)
+        return load_translation(
+            d.dataset, self._split_name(split), d.src_lang, d.tgt_lang, data_dir=d.data_dir
+        )
 
     @cached_property
     def train_corpus(self) -> ParallelCorpus:
@@ -235,12 +247,9 @@ class ClassificationTask(_Task):
     def data(self, split: str) -> LabeledTexts:
         d = self.recipe.data
         if d.dataset == "files":
-            path = {"train": d.train_file, "valid": d.valid_file, "test": d.test_file}.get(split)
-            if not path:
-                raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
+            path = self._user_file(split)
             return load_labeled_file(path, d.text_column, d.label_column, label_names=self._known_labels())
-        split_name = {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
-        return load_classification(d.dataset, split_name, data_dir=d.data_dir)
+        return load_classification(d.dataset, self._split_name(split), data_dir=d.data_dir)
 
     def _known_labels(self) -> list[str] | None:
         path = self.run_dir / LABELS_FILE
@@ -350,9 +359,7 @@ class LanguageModelTask(_Task):
     def text(self, split: str) -> str:
         d = self.recipe.data
         if d.dataset == "files":
-            path = {"train": d.train_file, "valid": d.valid_file, "test": d.test_file}.get(split)
-            if not path:
-                raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
+            path = self._user_file(split)
             try:
                 return Path(path).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
@@ -361,8 +368,7 @@ class LanguageModelTask(_Task):
             raise ValueError(
                 f"[data] dataset = {d.dataset!r}: language modelling reads tiny_shakespeare or files"
             )
-        split_name = {"train": d.train_split, "valid": d.valid_split}.get(split, split)
-        return load_tiny_shakespeare(split_name, data_dir=d.data_dir)
+        return load_tiny_shakespeare(self._split_name(split), data_dir=d.data_dir)
 
     @cached_property
     def train_text(self) -> str:
