@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,11 +163,14 @@ class Trainer:
             initial=state.step,
             disable=not t.progress,
             dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file needs no 10 updates a second
             desc=recipe.name,
             unit="step",
         )
         started = time.perf_counter() - state.elapsed
         window_tokens, window_start = 0, time.perf_counter()
+        window_loss = window_nll = 0.0
+        window_targets = 0
         saved_at = state.step
         model.train()
         while state.step < t.max_steps:
@@ -189,6 +193,9 @@ class Trainer:
             counted = sum(self.task.batch_tokens(b) for b in micro)
             state.tokens += counted
             window_tokens += counted
+            window_loss += loss * n_tokens
+            window_nll += nll * n_tokens
+            window_targets += n_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss} at step {state.step} (epoch {state.epoch}); "
@@ -196,21 +203,27 @@ class Trainer:
                 )
             bar.update(1)
             if state.step % t.log_every == 0 or state.step == 1:
+                # Loss and NLL are averaged over the steps since the last line (per target), as fairseq
+                # logs them: one step's loss alone is too noisy to read a curve from.
                 now = time.perf_counter()
                 record = {
                     "step": state.step,
                     "epoch": state.epoch,
-                    "loss": round(loss, 6),
-                    "nll": round(nll, 6),
+                    "loss": round(window_loss / max(window_targets, 1), 6),
+                    "nll": round(window_nll / max(window_targets, 1), 6),
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                    "target_tokens": n_tokens,
+                    "targets": window_targets,  # what the losses average over: target tokens, or examples
                 }
                 self._log(record)
                 bar.set_postfix(
-                    loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
                 )
                 window_tokens, window_start = 0, now
+                window_loss = window_nll = 0.0
+                window_targets = 0
             last_step = state.step >= t.max_steps
             if state.step % t.eval_every == 0 or last_step:
                 self._validate(model, state)
