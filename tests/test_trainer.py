@@ -143,3 +143,14 @@ def test_mixed_precision_training_runs_and_follows_fp32(tmp_path, precision):
     assert all(map(lambda x: x == x, results[precision]))  # no NaN
     # Low precision changes the numbers a little, not the course of training.
     assert results[precision] == pytest.approx(results["fp32"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_computes_the_same_losses(tmp_path):
+    losses = {}
+    for compile_step in (False, True):
+        task = CopyTask(batch_size=16)
+        options = {"average_last": 0, "compile": compile_step, "eval_every": 100, "save_every": 100}
+        Trainer(recipe(max_steps=3, **options), task, tmp_path / str(compile_step)).fit()
+        losses[compile_step] = [r["loss"] for r in records(tmp_path / str(compile_step))]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -35,7 +35,10 @@ def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
         raise ValueError(
             f"{what} must be a (batch, length) integer tensor, got {tuple(ids.shape)} {ids.dtype}"
         )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    # Reading values back is a host sync and a graph break under torch.compile: check in eager mode only.
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
 
 
