@@ -89,6 +89,8 @@ def test_translation_end_to_end_on_a_slice_of_multi30k(tmp_path, capsys):
     capsys.readouterr()
     assert main(["translate", str(run), "x" * 2000]) == 2
     assert "the model takes at most" in capsys.readouterr().err
+    assert main(["translate", str(run), "A dog.", "  "]) == 2
+    assert "input 2 is empty" in capsys.readouterr().err
 
 
 @needs_data
@@ -143,6 +145,12 @@ def test_language_model_end_to_end_on_tiny_shakespeare(tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text.rstrip("\n")) > len("ROMEO:")
+    greedy = ["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "15", "--temperature", "0"]
+    assert main(greedy) == 0
+    first = capsys.readouterr().out
+    assert main(greedy) == 0 and capsys.readouterr().out == first  # greedy: the same every time
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5000"]) == 2
+    assert "leaves room for" in capsys.readouterr().err
     assert main(["evaluate", str(run)]) == 0
     assert "bits per character" in capsys.readouterr().out
 

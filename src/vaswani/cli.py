@@ -35,6 +35,9 @@ USER_ERRORS = (RecipeError, DataError, CheckpointError, ValueError, OSError, Flo
 def _read_inputs(texts: list[str]) -> list[str]:
     """The texts given on the command line, else the non-empty lines of standard input."""
     if texts:
+        for number, text in enumerate(texts, 1):
+            if not text.strip():
+                raise ValueError(f"input {number} is empty")
         return texts
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no input: give texts as arguments or lines on standard input")
@@ -245,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the recipe's)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")

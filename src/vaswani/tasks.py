@@ -441,32 +441,36 @@ class LanguageModelTask(_Task):
         return {"valid_nll": nll, "valid_bpc": total / max(characters, 1) / math.log(2)}
 
     def generate(self, model: TransformerLM, prompt: str, device: torch.device, **options: Any) -> str:
+        """Continue `prompt`. Options (None = the recipe's [decode] value): max_new_tokens (default: 200, or
+        what still fits in max_len), temperature (0 = greedy), top_k, top_p, generator."""
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
         dec = self.recipe.decode
-        settings = {
-            "temperature": dec.temperature,
-            "top_k": dec.top_k,
-            "top_p": dec.top_p,
-            "max_new_tokens": 200,
-        }
+        settings = {"temperature": dec.temperature, "top_k": dec.top_k, "top_p": dec.top_p}
         settings.update({k: v for k, v in options.items() if v is not None})
-        do_sample = settings.get("temperature", 1.0) > 0
-        prompt_ids = torch.tensor([ids], device=device)
-        limit = model.config.max_len - len(ids) + 1
-        if limit < 1:
+        room = model.config.max_len - len(ids) + 1
+        if room < 1:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
             )
+        max_new = settings.get("max_new_tokens")
+        if max_new is None:
+            max_new = min(200, room)
+        elif max_new > room:
+            raise ValueError(
+                f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
+                f"(max_len {model.config.max_len})"
+            )
+        greedy = settings["temperature"] == 0
         out = model.generate(
-            prompt_ids,
-            max_new_tokens=min(settings["max_new_tokens"], limit),
-            do_sample=do_sample,
-            temperature=settings["temperature"],
+            torch.tensor([ids], device=device),
+            max_new_tokens=max_new,
+            do_sample=not greedy,
+            temperature=1.0 if greedy else settings["temperature"],
             top_k=settings["top_k"],
             top_p=settings["top_p"],
-            generator=options.get("generator"),
+            generator=settings.get("generator"),
         )
         tokens = out[0].tolist()
         return self.tokenizer.decode(tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
