@@ -6,6 +6,8 @@
     vaswani classify RUN_DIR [TEXT ...]           (or lines on stdin)
     vaswani generate RUN_DIR --prompt TEXT
     vaswani average RUN_DIR --last N
+    vaswani attention RUN_DIR TEXT [TEXT ...] [--target TEXT] [--layer L --head H] [--html]
+    vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
 
 Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
 and exit with status 2, without a traceback.
@@ -16,12 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from vaswani.data.paths import DataError
 from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, write_json
+from vaswani.interpret import (
+    SANITY_PLOTS,
+    attention_maps,
+    output_dir_for,
+    write_attention_files,
+    write_sanity_plots,
+)
 from vaswani.recipes import RecipeError, load_recipe
 from vaswani.runs import average_run, load_run
 from vaswani.tasks import ClassificationTask, LanguageModelTask, TranslationTask, make_task
@@ -260,7 +270,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--last", type=int, required=True, metavar="N")
     p.set_defaults(func=cmd_average)
+    add_interpret_commands(sub, run_options)
     return parser
+
+
+# ---------------------------------------------------------------------------------------- interpretability
+def cmd_attention(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, args.checkpoint, args.device)
+    targets = args.target or []
+    if targets and len(targets) != len(args.texts):
+        raise ValueError(f"{len(args.texts)} texts but {len(targets)} --target: give one --target per text")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "attention"
+    all_maps = [
+        attention_maps(run, text, targets[i] if targets else None) for i, text in enumerate(args.texts)
+    ]
+    taken: set[str] = set()
+    for maps in all_maps:
+        directory = output_dir_for(out, maps.text, taken)
+        for path in write_attention_files(maps, directory, args.layer, args.head, args.html):
+            print(path)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    names = list(SANITY_PLOTS) if args.which == "all" else [args.which]
+    for path in write_sanity_plots(args.out, names):
+        print(path)
+    return 0
+
+
+def add_interpret_commands(
+    sub: argparse._SubParsersAction, run_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Add `vaswani attention` and `vaswani plot` (vaswani.interpret) to the subcommands `sub`."""
+    p = sub.add_parser(
+        "attention",
+        help="draw a model's attention for some inputs",
+        description="Attention maps of a trained run: per input, a grid of heads per layer and attention "
+        "kind, one head at full size, the [CLS] attention of a classifier, and with --html one "
+        "self-contained page to browse them. Layers and heads count from 1.",
+    )
+    run_options(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="TEXT",
+        help="translation: the target to force-feed (one per TEXT); default: the model's own translation",
+    )
+    p.add_argument("--out", help="output directory (default: RUN_DIR/attention)")
+    p.add_argument("--layer", type=int, metavar="L", help="layer drawn at full size (default: the last)")
+    p.add_argument("--head", type=int, default=1, metavar="H", help="head drawn at full size (default: 1)")
+    p.add_argument("--html", action="store_true", help="also write attention.html, an interactive page")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser(
+        "plot",
+        help="sanity plots: positional encoding, masks, learning rate, label smoothing",
+        description="The Annotated Transformer's sanity plots, drawn from the library's own functions.",
+    )
+    p.add_argument("which", choices=[*SANITY_PLOTS, "all"])
+    p.add_argument("--out", default="plots", help="output directory (default: plots)")
+    p.set_defaults(func=cmd_plot)
 
 
 def main(argv: list[str] | None = None) -> int:

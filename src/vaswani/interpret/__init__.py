@@ -1,0 +1,49 @@
+"""Looking inside a trained model: attention maps as pictures and as one interactive HTML page, and the
+sanity plots of the Annotated Transformer (positional encodings, masks, the learning-rate schedule, label
+smoothing), drawn from the library's own functions.
+
+maps.py     computing the attention maps of one input (`attention_maps`, `AttentionMaps`), token labels
+plots.py    the maps as PNGs: a layer's heads, one head, a classifier's [CLS] row; all files for one input
+html.py     the maps as one self-contained HTML page (the page itself: attention.html)
+sanity.py   positional encodings, masks, the learning-rate schedule, label smoothing
+"""
+
+from vaswani.interpret.html import write_attention_html
+from vaswani.interpret.maps import COLORMAP, AttentionMaps, attention_maps, readable_token, title_of
+from vaswani.interpret.plots import (
+    output_dir_for,
+    plot_cls_attention,
+    plot_head,
+    plot_layer_grid,
+    write_attention_files,
+)
+from vaswani.interpret.sanity import (
+    SANITY_PLOTS,
+    plot_label_smoothing,
+    plot_lr_schedule,
+    plot_masks,
+    plot_positional_encoding,
+    smoothed_target_distribution,
+    write_sanity_plots,
+)
+
+__all__ = [
+    "COLORMAP",
+    "SANITY_PLOTS",
+    "AttentionMaps",
+    "attention_maps",
+    "output_dir_for",
+    "plot_cls_attention",
+    "plot_head",
+    "plot_label_smoothing",
+    "plot_layer_grid",
+    "plot_lr_schedule",
+    "plot_masks",
+    "plot_positional_encoding",
+    "readable_token",
+    "smoothed_target_distribution",
+    "title_of",
+    "write_attention_files",
+    "write_attention_html",
+    "write_sanity_plots",
+]
