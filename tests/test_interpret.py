@@ -50,12 +50,7 @@ SOURCE, TARGET = "A little girl is climbing.", "Ein kleines Mädchen klettert."
 MAX_LEN = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root: Path, task: str, tokenizer: Tokenizer) -> Path:
