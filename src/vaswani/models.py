@@ -358,7 +358,8 @@ class _LMStepper:
         self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
         self.key_valid = prompt_valid  # (N, keys so far), None while no row has padding
         self.next_positions: Tensor | None = None  # (N,) per-row position of the next token
-        self.prefix: Tensor | None = None
+        self.prefix: Tensor | None = None  # uncached: every token fed so far, and its positions
+        self.prefix_positions: Tensor | None = None
 
     def step(self, tokens: Tensor) -> Tensor:
         rows, new = tokens.shape
@@ -376,11 +377,12 @@ class _LMStepper:
         if self.cache is not None:
             logits, _ = self.model.decode(tokens, positions, self.key_valid, cache=self.cache)
         else:
-            self.prefix = tokens if self.prefix is None else torch.cat((self.prefix, tokens), dim=1)
-            self.all_positions = (
-                positions if self.prefix.size(1) == new else torch.cat((self.all_positions, positions), dim=1)
-            )
-            logits, _ = self.model.decode(self.prefix, self.all_positions, self.key_valid)
+            if self.prefix is None:
+                self.prefix, self.prefix_positions = tokens, positions
+            else:
+                self.prefix = torch.cat((self.prefix, tokens), dim=1)
+                self.prefix_positions = torch.cat((self.prefix_positions, positions), dim=1)
+            logits, _ = self.model.decode(self.prefix, self.prefix_positions, self.key_valid)
         return logits[:, -1]
 
     def reorder(self, index: Tensor) -> None:
@@ -388,7 +390,7 @@ class _LMStepper:
             self.cache.reorder(index)
         else:
             self.prefix = self.prefix.index_select(0, index)
-            self.all_positions = self.all_positions.index_select(0, index)
+            self.prefix_positions = self.prefix_positions.index_select(0, index)
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)
         self.next_positions = self.next_positions.index_select(0, index)

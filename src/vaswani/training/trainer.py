@@ -11,12 +11,13 @@ events, so that a resumed run replays exactly what an uninterrupted one would ha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,10 +100,9 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     elapsed: float = 0.0
-    history: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "history"}
+        return dataclasses.asdict(self)
 
 
 class Trainer:
@@ -267,18 +267,23 @@ class Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _improves(self, value: float, state: TrainState) -> bool:
+        """Whether a validation value beats the best so far, in the task's direction."""
+        if state.best_value is None:
+            return True
+        higher_is_better = self.task.best_metric[1]
+        return value > state.best_value if higher_is_better else value < state.best_value
+
     def _validate(self, model: nn.Module, state: TrainState) -> None:
         model.eval()
         with torch.no_grad():
             metrics = self.task.validate(model, self.device)
         self._log({"step": state.step, "split": "valid", **{k: round(v, 6) for k, v in metrics.items()}})
-        name, higher_is_better = self.task.best_metric
+        name = self.task.best_metric[0]
         value = metrics.get(name)
         if value is None or not math.isfinite(value):
             return
-        better = state.best_value is None or (
-            value > state.best_value if higher_is_better else value < state.best_value
-        )
+        better = self._improves(value, state)
         if better:
             state.best_value, state.best_step = value, state.step
             save_checkpoint(self.run_dir / "best", model, meta={"step": state.step, name: value})
@@ -345,11 +350,8 @@ class Trainer:
             with torch.no_grad():
                 metrics = self.task.validate(model, self.device)
             self._log({"step": state.step, "split": "valid", "checkpoint": "averaged", **metrics})
-            name, higher = self.task.best_metric
-            value = metrics.get(name)
-            if value is not None and (
-                state.best_value is None or (value > state.best_value if higher else value < state.best_value)
-            ):
+            value = metrics.get(self.task.best_metric[0])
+            if value is not None and math.isfinite(value) and self._improves(value, state):
                 final = "averaged"
             tqdm.write(
                 f"averaged {len(chosen)} checkpoints: "
