@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vaswani.cli import main
+from vaswani.recipes import load_recipe
+from vaswani.tasks import make_task
+from vaswani.tokenization import UNK_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -116,6 +120,29 @@ def test_classification_end_to_end_on_a_slice_of_trec(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2 and rows[0]["label"] in rows[0]["probabilities"]
     assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@needs_data
+def test_word_dropout_replaces_the_asked_fraction_and_is_reproducible(tmp_path):
+    def task(p):
+        overrides = [f"data.word_dropout={p}", "data.limit_train=400", "data.vocab_size=600", *QUICK]
+        recipe = load_recipe(ROOT / "configs" / "trec.toml", overrides)
+        return make_task(recipe, tmp_path / "run")  # one run directory: one tokenizer, trained once
+
+    plain, dropped, again = task(0.0), task(0.3), task(0.3)
+    indices = plain.epoch_batches(0)[0]
+    clean = plain.make_batch(indices, torch.device("cpu"))
+    noisy = dropped.make_batch(indices, torch.device("cpu"))
+    real = clean.ids != 0
+    assert torch.equal(noisy.ids != 0, real) and torch.equal(noisy.labels, clean.labels)
+    changed = (noisy.ids != clean.ids) & real
+    assert torch.all(noisy.ids[changed] == UNK_ID)
+    assert 0.2 < changed.sum() / ((clean.ids != UNK_ID) & real).sum() < 0.4
+    again.epoch_batches(0)  # a resumed run sees the same corrupted batch; a new epoch, a new draw
+    assert torch.equal(again.make_batch(indices, torch.device("cpu")).ids, noisy.ids)
+    again.epoch_batches(1)
+    assert not torch.equal(again.make_batch(indices, torch.device("cpu")).ids, noisy.ids)
+    assert plain.encode(["", "what"])[0] == [UNK_ID]  # a text with no tokens still gives the encoder one
 
 
 @needs_data

@@ -11,7 +11,7 @@ from vaswani.copy_task import make_copy_batch
 from vaswani.recipes import recipe_from_dict
 from vaswani.training import label_smoothed_cross_entropy
 from vaswani.training.checkpoint import latest_checkpoint, load_weights
-from vaswani.training.trainer import Trainer
+from vaswani.training.trainer import Trainer, make_optimizer
 
 
 class CopyTask:
@@ -154,3 +154,25 @@ def test_compiled_training_step_computes_the_same_losses(tmp_path):
         Trainer(recipe(max_steps=3, **options), task, tmp_path / str(compile_step)).fit()
         losses[compile_step] = [r["loss"] for r in records(tmp_path / str(compile_step))]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_adamw_decays_matrices_only_and_adam_keeps_the_papers_optimizer():
+    model = vaswani.Transformer(vaswani.TransformerConfig.tiny(vocab_size=13))
+    adam = make_optimizer(model, recipe(weight_decay=0.1).train)
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 0.1
+    adamw = make_optimizer(model, recipe(optimizer="adamw", weight_decay=0.1).train)
+    assert type(adamw) is torch.optim.AdamW
+    decayed, plain = adamw.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    # Decoupled decay with a zero gradient shrinks a matrix by exactly lr * wd and leaves a bias alone.
+    weight, bias = decayed["params"][0], plain["params"][0]
+    before_w, before_b = weight.detach().clone(), bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for group in adamw.param_groups:
+        group["lr"] = 0.5
+    adamw.step()
+    torch.testing.assert_close(weight.detach(), before_w * (1 - 0.5 * 0.1))
+    torch.testing.assert_close(bias.detach(), before_b)

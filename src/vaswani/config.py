@@ -14,7 +14,7 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONAL_ENCODINGS = ("sinusoidal", "sinusoidal_concat", "learned")
 ATTENTION_IMPLS = ("sdpa", "explicit")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "max")
 INITS = ("xavier",)
 
 
@@ -37,8 +37,8 @@ class TransformerConfig:
       attention_impl       "sdpa" (torch.nn.functional.scaled_dot_product_attention: fused kernels) or
                            "explicit" (softmax(QK^T/sqrt(d_k))V written out). Both compute the same function;
                            the explicit path is always used when attention weights are requested.
-      n_classes, pooling   for `TransformerClassifier`: number of classes and "cls" (the [CLS] state) or
-                           "mean" (mean of the real token states).
+      n_classes, pooling   for `TransformerClassifier`: number of classes and "cls" (the [CLS] state),
+                           "mean" or "max" (mean or elementwise maximum of the real token states).
       cls_id               the [CLS] token the classifier prepends; None uses `bos_id`.
     """
 

@@ -209,8 +209,8 @@ class TransformerClassifier(nn.Module):
     """The Transformer encoder as a sequence classifier (as in BERT, Devlin et al. 2019).
 
     A [CLS] token (`cfg.cls_id`, by default `bos_id`) is prepended at position 0; padding is masked as keys;
-    a linear head reads the final [CLS] state (`pooling="cls"`) or the mean of the real token states
-    (`pooling="mean"`, [CLS] excluded). Uses `n_encoder_layers`.
+    a linear head reads the final [CLS] state (`pooling="cls"`), or the mean (`"mean"`) or elementwise
+    maximum (`"max"`) of the real token states ([CLS] excluded). Uses `n_encoder_layers`.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -241,11 +241,16 @@ class TransformerClassifier(nn.Module):
         """ids (B, S) -> class logits (B, n_classes); with `return_attention`, also {"encoder": [...]}
         whose tensors are (B, n_heads, 1 + S, 1 + S), [CLS] at index 0."""
         hidden, mask, weights = self.encode(ids, need_weights=return_attention)
-        if self.config.pooling == "cls":
+        pooling = self.config.pooling
+        if pooling == "cls":
             pooled = hidden[:, 0]
-        else:
+        elif pooling == "mean":
             real = mask[:, 0, 0, 1:, None].to(hidden.dtype)
             pooled = (hidden[:, 1:] * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+        else:  # max over the real tokens, as the max-over-time pooling of Kim (2014)'s CNN
+            real = mask[:, 0, 0, 1:, None]
+            pooled = hidden[:, 1:].masked_fill(~real, float("-inf")).amax(dim=1)
+            pooled = pooled.masked_fill(~real.any(dim=1), 0.0)  # a row of padding only: no -inf
         logits = self.head(self.dropout(pooled))
         if return_attention:
             return logits, {"encoder": weights}

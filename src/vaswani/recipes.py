@@ -29,6 +29,7 @@ TASKS = ("translation", "classification", "lm")
 TOKENIZERS = ("bpe", "wordpiece", "chars")
 SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw")
 PRESETS = ("base", "big", "small", "tiny")
 # Set from the tokenizer and the data, never by hand.
 DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
@@ -74,6 +75,9 @@ class DataSection:
     block_size: int = 256  # lm: tokens per training window
     batch_size: int = 32  # lm: windows per batch
     windows_per_epoch: int = 1000  # lm: random windows that make one "epoch"
+    # classification: each training token becomes [UNK] with this probability, drawn afresh every epoch
+    # (word dropout, Iyyer et al. 2015: a regulariser for small data sets trained from scratch)
+    word_dropout: float = 0.0
 
 
 @dataclass
@@ -91,7 +95,8 @@ class TrainSection:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-9
-    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam (the paper, §5.3) | adamw (decoupled decay, matrices only)
+    weight_decay: float = 0.0  # adam: L2 added to the gradient; adamw: decoupled (Loshchilov & Hutter)
     label_smoothing: float = 0.1
     grad_accum: int = 1
     clip_norm: float = 0.0  # 0 = no clipping (the paper clips nothing)
@@ -210,6 +215,9 @@ def _validate(recipe: Recipe) -> None:
         t.lr_schedule in SCHEDULES, f"[train] lr_schedule = {t.lr_schedule!r}", f"must be one of {SCHEDULES}"
     )
     need(t.precision in PRECISIONS, f"[train] precision = {t.precision!r}", f"must be one of {PRECISIONS}")
+    need(t.optimizer in OPTIMIZERS, f"[train] optimizer = {t.optimizer!r}", f"must be one of {OPTIMIZERS}")
+    need(t.weight_decay >= 0, f"[train] weight_decay = {t.weight_decay}", "must be >= 0")
+    need(0.0 <= d.word_dropout < 1.0, f"[data] word_dropout = {d.word_dropout}", "must be in [0, 1)")
     for section, obj, names in (
         ("data", d, ("vocab_size", "max_tokens", "max_len", "block_size", "batch_size", "windows_per_epoch")),
         (

@@ -33,7 +33,7 @@ from vaswani.data.datasets import (
 from vaswani.evaluation import classification_report, corpus_bleu, corpus_chrf
 from vaswani.models import Transformer, TransformerClassifier, TransformerLM
 from vaswani.recipes import Recipe
-from vaswani.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, Tokenizer
+from vaswani.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -243,6 +243,7 @@ class ClassificationTask(_Task):
     """Text classification with the encoder and a [CLS] token."""
 
     best_metric = ("valid_accuracy", True)
+    _epoch = 0  # the epoch whose batches make_batch is serving (seeds word dropout)
 
     def data(self, split: str) -> LabeledTexts:
         d = self.recipe.data
@@ -294,7 +295,7 @@ class ClassificationTask(_Task):
         """Token ids, truncated so that [CLS] + ids fits max_len (long articles keep their beginning)."""
         limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
         encoded = [ids[:limit] for ids in self.tokenizer.encode_batch(list(texts))]
-        return [ids if ids else [self.tokenizer.unk_id] for ids in encoded]
+        return [ids if ids else [UNK_ID] for ids in encoded]
 
     @cached_property
     def train_ids(self) -> list[list[int]]:
@@ -308,11 +309,27 @@ class ClassificationTask(_Task):
         return TransformerClassifier(self.model_config())
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self._epoch = epoch
         return self._seeded_batches([len(s) + 1 for s in self.train_ids], None, epoch)
 
     def make_batch(self, indices: list[int], device: torch.device):
         labels = [self.train_data.labels[i] for i in indices]
-        return make_classification_batch([self.train_ids[i] for i in indices], labels, PAD_ID).to(device)
+        ids = [self.train_ids[i] for i in indices]
+        if self.recipe.data.word_dropout > 0:
+            ids = self._drop_words(ids, indices)
+        return make_classification_batch(ids, labels, PAD_ID).to(device)
+
+    def _drop_words(self, ids: list[list[int]], indices: list[int]) -> list[list[int]]:
+        """Word dropout: tokens replaced by [UNK] at random. The draw depends only on (seed, epoch, batch),
+        so a resumed run sees the same corrupted batches as an uninterrupted one."""
+        key = (self.recipe.train.seed * 1_000_003 + self._epoch) * 1_000_033 + indices[0]
+        generator = torch.Generator().manual_seed(key)
+        p, unk = self.recipe.data.word_dropout, UNK_ID
+        dropped = []
+        for row in ids:
+            keep = torch.rand(len(row), generator=generator) >= p
+            dropped.append([t if k else unk for t, k in zip(row, keep.tolist(), strict=True)])
+        return dropped
 
     def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
         logits = model(batch.ids).float()

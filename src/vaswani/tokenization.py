@@ -106,6 +106,11 @@ class Tokenizer:
         Decoding rejoins the "##" pieces and puts one space between words, punctuation included ("what is
         it ?"); BERT's clean-up of those spaces is off because it also rewrites words ("do not" -> "don't").
         A word that cannot be spelled from the vocabulary encodes as a single <unk>.
+
+        Training is not deterministic: `tokenizers`' trainer numbers the "##" pieces in hash-map order, which
+        breaks ties between equally frequent merges differently from run to run (huggingface/tokenizers
+        issue 1794). A run saves its tokenizer and reuses it on resume; two fresh runs may differ slightly.
+        `train_bpe` has no continuation pieces and is deterministic.
         """
         _check_vocab_size(vocab_size)
         backend = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK_TOKEN, continuing_subword_prefix="##"))

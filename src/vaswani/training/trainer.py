@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vaswani.evaluation import plot_training_curves, read_metrics
-from vaswani.recipes import Recipe, recipe_to_toml
+from vaswani.recipes import Recipe, TrainSection, recipe_to_toml
 from vaswani.training.checkpoint import (
     atomic_write_text,
     average_checkpoints,
@@ -105,6 +105,22 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
+def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    """Adam as in §5.3 (its weight decay is L2 added to the gradient), or AdamW whose decoupled decay
+    touches only matrices: decaying biases and LayerNorm gains pulls them towards 0, which nothing asks for
+    (as nanoGPT does). The learning rate is 1.0 here; the schedule multiplies it."""
+    betas = (t.beta1, t.beta2)
+    if t.optimizer == "adam":
+        decay = t.weight_decay
+        return torch.optim.Adam(model.parameters(), lr=1.0, betas=betas, eps=t.eps, weight_decay=decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=1.0, betas=betas, eps=t.eps)
+
+
 class Trainer:
     """Trains a task's model into a run directory, resuming from its last checkpoint on request."""
 
@@ -146,9 +162,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         model = self.task.build_model().to(self.device)
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=1.0, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay
-        )
+        optimizer = make_optimizer(model, t)
         lr_at = learning_rate_function(recipe, model.config.d_model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i + 1))
         scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
