@@ -202,6 +202,6 @@ def test_bad_input_gives_one_line_and_exit_2(args, message):
 
 
 def test_every_command_has_help():
-    for command in ("train", "evaluate", "translate", "classify", "generate", "average"):
+    for command in ("train", "evaluate", "translate", "classify", "generate", "average", "summarize"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: vaswani" in result.stdout

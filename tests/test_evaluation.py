@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vaswani.cli import main
 from vaswani.evaluation import (
     ClassificationReport,
     bits_per_character,
@@ -31,6 +33,7 @@ from vaswani.evaluation import (
     plot_confusion_matrix,
     plot_training_curves,
     read_metrics,
+    summarize_runs,
     write_json,
 )
 
@@ -308,3 +311,41 @@ def test_bits_per_character_converts_nats_to_bits():
     assert bits_per_character(0.0) == 0.0
     with pytest.raises(ValueError):
         bits_per_character(-1.0)
+
+
+def _write_results(run_dir, results, split="test"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"results_{split}.json").write_text(json.dumps(results))
+    return run_dir
+
+
+def test_summarize_runs_gives_mean_and_sample_std_over_seeds(tmp_path, capsys):
+    runs = [
+        _write_results(tmp_path / f"seed{i}", {"split": "test", "accuracy": a, "macro_f1": f})
+        for i, (a, f) in enumerate([(0.90, 0.80), (0.92, 0.84), (0.94, 0.82)])
+    ]
+    summary = {s.metric: s for s in summarize_runs(runs)}
+    assert list(summary) == ["accuracy", "macro_f1"]
+    assert summary["accuracy"].mean == pytest.approx(0.92)
+    assert summary["accuracy"].std == pytest.approx(statistics.stdev([0.90, 0.92, 0.94]))
+    assert summary["macro_f1"].values == [0.80, 0.84, 0.82]
+    bleu = {"bleu": {"score": 30.0}, "chrf": {"score": 55.0}}
+    (single,) = [s for s in summarize_runs([_write_results(tmp_path / "mt", bleu)]) if s.metric == "bleu"]
+    assert single.mean == 30.0 and math.isnan(single.std)  # one run has no spread
+    assert main(["summarize", *map(str, runs), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metrics"]["accuracy"]["mean"] == pytest.approx(0.92)
+
+
+def test_summarize_refuses_missing_or_mismatched_results(tmp_path, capsys):
+    good = _write_results(tmp_path / "a", {"accuracy": 0.9, "macro_f1": 0.8})
+    with pytest.raises(ValueError, match=r"results_test\.json not found: run `vaswani evaluate"):
+        summarize_runs([good, tmp_path / "missing"])
+    other = _write_results(tmp_path / "b", {"bleu": {"score": 30.0}, "chrf": {"score": 50.0}})
+    with pytest.raises(ValueError, match="differ from the first run"):
+        summarize_runs([good, other])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results_test.json").write_text("{not json")
+    assert main(["summarize", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "not a results file" in err and len(err.strip().splitlines()) == 1

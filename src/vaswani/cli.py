@@ -6,6 +6,7 @@
     vaswani classify RUN_DIR [TEXT ...]           (or lines on stdin)
     vaswani generate RUN_DIR --prompt TEXT
     vaswani average RUN_DIR --last N
+    vaswani summarize RUN_DIR [RUN_DIR ...] [--split test]   (mean ± std over seeds)
     vaswani attention RUN_DIR TEXT [TEXT ...] [--target TEXT] [--layer L --head H] [--html]
     vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vaswani.data.paths import DataError
-from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, write_json
+from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, summarize_runs, write_json
 from vaswani.interpret import (
     SANITY_PLOTS,
     attention_maps,
@@ -200,6 +201,19 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    summaries = summarize_runs(args.run_dirs, args.split)
+    if args.json:
+        rows = {s.metric: {"values": s.values, "mean": s.mean, "std": s.std} for s in summaries}
+        print(json.dumps({"split": args.split, "runs": [str(r) for r in args.run_dirs], "metrics": rows}))
+        return 0
+    print(f"{len(args.run_dirs)} runs, split {args.split}")
+    for s in summaries:
+        values = "  ".join(f"{v:.4f}" for v in s.values)
+        print(f"{s.metric:<10} {s.mean:.4f} ± {s.std:.4f}   ({values})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -270,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--last", type=int, required=True, metavar="N")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser(
+        "summarize",
+        help="mean ± std of evaluated runs (seeds)",
+        description="Mean and sample standard deviation of the results of several evaluated runs.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--split", default="test", help="the results_<split>.json to read (default: test)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_summarize)
     add_interpret_commands(sub, run_options)
     return parser
 

@@ -254,6 +254,60 @@ def bits_per_character(nll_per_char_nats: float) -> float:
     return nll_per_char_nats / math.log(2)
 
 
+# Headline metrics of each kind of results_<split>.json that `vaswani evaluate` writes.
+_HEADLINE = {
+    "accuracy": lambda r: r.get("accuracy"),
+    "macro_f1": lambda r: r.get("macro_f1"),
+    "bleu": lambda r: r["bleu"]["score"] if isinstance(r.get("bleu"), dict) else None,
+    "chrf": lambda r: r["chrf"]["score"] if isinstance(r.get("chrf"), dict) else None,
+    "valid_nll": lambda r: r.get("valid_nll"),
+    "valid_bpc": lambda r: r.get("valid_bpc"),
+}
+
+
+@dataclass
+class SeedSummary:
+    """One metric over several runs (seeds): the values, their mean and sample standard deviation."""
+
+    metric: str
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1); NaN for a single run, which has no spread to measure."""
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else math.nan
+
+
+def summarize_runs(run_dirs: Sequence[str | Path], split: str = "test") -> list[SeedSummary]:
+    """Mean and standard deviation of the headline metrics of `results_<split>.json` over runs, as the
+    papers report results over seeds. Every run must hold the same metrics."""
+    if not run_dirs:
+        raise ValueError("no run directories given")
+    per_run: list[dict[str, float]] = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / f"results_{split}.json"
+        if not path.is_file():
+            raise ValueError(f"{path} not found: run `vaswani evaluate {run_dir} --split {split}` first")
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not a results file ({error})") from None
+        found = {k: float(v) for k, get in _HEADLINE.items() if (v := get(results)) is not None}
+        if not found:
+            raise ValueError(f"{path}: holds none of the metrics {sorted(_HEADLINE)}")
+        per_run.append(found)
+    names = list(per_run[0])
+    for run_dir, found in zip(run_dirs, per_run, strict=True):
+        if list(found) != names:
+            first = sorted(names)
+            raise ValueError(f"{run_dir}: metrics {sorted(found)} differ from the first run's {first}")
+    return [SeedSummary(name, [found[name] for found in per_run]) for name in names]
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Read a `metrics.jsonl` file: one JSON object per line, blank lines skipped."""
     path = Path(path)
