@@ -19,7 +19,7 @@ from vaswani.benchmark.peers import (
     copy_into_torch,
     import_transformers,
 )
-from vaswani.benchmark.workloads import training_loss
+from vaswani.benchmark.workloads import Batch, training_loss
 from vaswani.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,12 +109,7 @@ def test_flop_formula_matches_flop_counter_mode():
     cfg = config()
     runner = build_runner("vaswani", cfg, reference(cfg))
     src, tgt = ids(3, 7, seed=1), ids(3, 5, seed=2)
-
-    class Batch:
-        pass
-
-    batch = Batch()
-    batch.src, batch.tgt_in, batch.tgt_out = src, tgt, tgt
+    batch = Batch(src=src, tgt_in=tgt, tgt_out=tgt, decode_src=src)
     assert F.count_flops(lambda: runner.model(src, tgt)) == pytest.approx(
         F.forward_flops(cfg, 3, 7, 5), rel=0.01
     )

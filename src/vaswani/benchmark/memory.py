@@ -18,7 +18,8 @@ other work in the same process meaningless. The child process:
 Either way the number includes the weights, gradients and optimizer state, not the input ids. On a CPU
 without /proc (not Linux) it is not measured.
 
-Run as `python -m vaswani.benchmark.memory SPEC_JSON`; it prints one JSON line.
+The child runs `vaswani.benchmark.memory.main` with the spec (JSON) as its argument and prints one JSON
+line.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+# Not `python -m vaswani.benchmark.memory`: the package imports this module first, which runpy warns about.
+CHILD = "import sys; from vaswani.benchmark.memory import main; sys.exit(main())"
 
 
 def cpu_peak_supported() -> bool:
@@ -153,7 +158,7 @@ def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "vaswani.benchmark.memory", json.dumps(spec)],
+            [sys.executable, "-c", CHILD, json.dumps(spec)],
             capture_output=True,
             text=True,
             env=env,
@@ -174,7 +179,3 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     print(json.dumps(probe(json.loads(sys.argv[1]))))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
