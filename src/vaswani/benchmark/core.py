@@ -220,12 +220,24 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
     size = SIZES[options.size]
     if options.overrides:
         size = dataclasses.replace(size, **options.overrides)
+    previous_threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    try:
+        results = _run(options, size, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if options.out:
+        out = Path(options.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _run(options: BenchOptions, size: Size, say: Callable[[str], None]) -> dict:
     threads = torch.get_num_threads()
     device = torch.device(options.device)
     cfg = size.config()
-
     names = list(options.implementations)
     implementations: dict[str, dict] = {}
     transformers = None
@@ -242,135 +254,25 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
 
     say(f"vaswani bench: size {size.name}, {device}, {threads} threads, {', '.join(options.precisions)}")
     batch = size_batch(size, cfg, options.seed).to(device)
-    torch.manual_seed(options.seed)
-    reference = Transformer(cfg)
-    runners: dict[str, Runner] = {}
-    for name in names:
-        model_ref = copy.deepcopy(reference) if name == "vaswani" else reference
-        runner = build_runner(name, cfg, model_ref, transformers)
-        runner.model.to(device)
-        runners[name] = runner
+    runners = _build_runners(names, cfg, device, transformers, options.seed)
+    for name, runner in runners.items():
         params = sum(p.numel() for p in {id(p): p for p in runner.model.parameters()}.values())
-        implementations[name] = {
-            "label": runner.label,
-            "available": True,
-            "parameters": params,
-            **runner.details,
-        }
-    pristine = {name: copy.deepcopy(r.model.state_dict()) for name, r in runners.items()}
-    pad = cfg.pad_id
-    tokens = batch.train_tokens(pad)
-    generated = size.decode_sentences * size.new_tokens
+        implementations[name] = {"label": runner.label, "available": True, "parameters": params}
+        implementations[name].update(runner.details)
+    counts = {"train": batch.train_tokens(cfg.pad_id), "decode": size.decode_sentences * size.new_tokens}
 
-    # ---------------------------------------------------------------- matmul peak
-    peak_precisions = set(options.precisions) | ({"bf16"} if device.type == "cuda" else set())
-    peaks = {}
-    for precision in sorted(peak_precisions, key=PRECISIONS.index):
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        peaks[precision] = F.matmul_peak(device, dtype, size.matmul_n)
-        rate = peaks[precision]["flops_per_s"]
-        say(f"matmul peak {precision}: {rate / 1e9:,.1f} GFLOP/s (n={size.matmul_n})")
-
-    # ---------------------------------------------------------------- FLOPs
-    flops: dict[str, dict] = {}
-    for workload in options.workloads:
-        model_flops = _model_flops(size, cfg, workload)
-        per = tokens if workload == "train" else generated
-        counted = {}
-        for name, runner in runners.items():
-            try:
-                counted[name] = _count_workload_flops(workload, runner, batch, size, pad)
-            except Exception as error:
-                counted[name] = None
-                say(f"FlopCounterMode could not count {workload} of {runner.label}: {_first_line(error)}")
-        check = counted.get("vaswani")
-        flops[workload] = {
-            "model_flops": model_flops,
-            "per_token": model_flops / per,
-            "flop_counter": counted,
-            "flop_counter_over_model": None if not check else check / model_flops,
-        }
-        say(f"{workload}: {model_flops / per / 1e6:,.2f} MFLOP per token (counted from the config)")
-
-    # ---------------------------------------------------------------- timing
-    rows: list[dict] = []
-    order = [w for w in ("greedy", "beam", "train") if w in options.workloads]  # decode on pristine weights
-    for workload in order:
-        for precision in options.precisions:
-            fns, statuses = {}, {}
-            for name, runner in runners.items():
-                if workload == "beam" and runner.beam is None:
-                    statuses[name] = ("n/a", f"{runner.label} has no beam search")
-                    continue
-                if workload == "train":
-                    runner.model.load_state_dict(pristine[name])
-                fns[name] = workload_fn(
-                    workload, runner, batch, precision, device, pad, size.new_tokens, size.beam_size
-                )
-            say(f"timing {workload} {precision}: {', '.join(runners[n].label for n in fns)}")
-            times, first, last, errors = _time_interleaved(fns, options.warmup, options.repeats, device)
-            for name in runners:
-                row = {"workload": workload, "precision": precision, "impl": name, "label": LABELS[name]}
-                row["unit"] = UNITS[workload]
-                if name in statuses:
-                    row["status"], row["note"] = statuses[name]
-                elif name in errors:
-                    row["status"], row["note"] = "error", errors[name]
-                    say(f"  {runners[name].label} failed: {errors[name]}")
-                else:
-                    seconds = statistics.median(times[name])
-                    count = tokens if workload == "train" else generated
-                    model_flops = flops[workload]["model_flops"] if workload in flops else None
-                    row.update(status="ok", seconds=seconds, times=times[name], rate=count / seconds)
-                    if model_flops is not None:
-                        row["flops_per_s"] = model_flops / seconds
-                        peak = peaks.get(precision)
-                        row["peak_fraction"] = row["flops_per_s"] / peak["flops_per_s"] if peak else None
-                        if device.type == "cuda":
-                            row["mfu"] = row["flops_per_s"] / peaks["bf16"]["flops_per_s"]
-                    if workload == "train":
-                        row["first_loss"] = float(first[name])
-                    else:
-                        row["agreement_with_vaswani"] = _agreement(last, name)
-                rows.append(row)
-            if workload == "train":
-                for runner in runners.values():
-                    runner.model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    # ---------------------------------------------------------------- peak memory
-    memory_method = None
+    peaks = _matmul_peaks(options, size, device, say)
+    flops = _count_flops(options.workloads, runners, batch, size, cfg, counts, say)
+    rows = _time_workloads(options, runners, batch, size, cfg, device, counts, flops, peaks, say)
+    memory_method = "not measured (--no-memory)"
     if options.memory:
-        del runners, pristine, reference
+        del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for row in rows:
-            if row["status"] != "ok":
-                continue
-            say(f"memory: {row['workload']} {row['precision']} {row['label']} (fresh process)")
-            spec = probe_spec(
-                cfg,
-                (size.sentences, size.src_len, size.tgt_len),
-                (size.decode_sentences, size.decode_src_len),
-                options.seed,
-                row["impl"],
-                row["workload"],
-                row["precision"],
-                device,
-                threads,
-                size.new_tokens,
-                size.beam_size,
-            )
-            measured = measure_in_subprocess(spec)
-            row["memory_bytes"] = measured["bytes"]
-            if measured["bytes"] is None:
-                row["memory_note"] = measured["method"]
-            else:
-                memory_method = measured["method"]
-
+        measured = _measure_memory(rows, options, size, cfg, device, threads, say)
+        memory_method = measured or "not measured: see each row's memory_note"
     _add_ratios(rows)
-    results = {
+    return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -395,7 +297,7 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
                 "sentences": size.sentences,
                 "src_len": size.src_len,
                 "tgt_len": size.tgt_len,
-                "tokens": tokens,
+                "tokens": counts["train"],
                 "tokens_counted": "source + target tokens that are not padding (there is no padding)",
             },
             "decode": {
@@ -403,22 +305,144 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
                 "src_len": size.decode_src_len,
                 "new_tokens": size.new_tokens,
                 "beam_size": size.beam_size,
-                "generated_tokens": generated,
+                "generated_tokens": counts["decode"],
                 "tokens_counted": "sentences * new_tokens (one translation per sentence, beam search too)",
             },
         },
         "implementations": implementations,
         "matmul_peak": peaks,
         "flops": flops,
-        "memory_method": memory_method if options.memory else "not measured (--no-memory)",
+        "memory_method": memory_method,
         "results": rows,
         "projection": _projection(rows, size, device),
     }
-    if options.out:
-        out = Path(options.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return results
+
+
+def _build_runners(names, cfg, device: torch.device, transformers, seed: int) -> dict[str, Runner]:
+    """Every implementation with the weights of one vaswani model (each its own copy), on `device`."""
+    torch.manual_seed(seed)
+    reference = Transformer(cfg)
+    runners = {}
+    for name in names:
+        own = copy.deepcopy(reference) if name == "vaswani" else reference
+        runners[name] = build_runner(name, cfg, own, transformers)
+        runners[name].model.to(device)
+    return runners
+
+
+def _matmul_peaks(options: BenchOptions, size: Size, device: torch.device, say) -> dict:
+    """The measured matmul rate of each precision run (and of bf16 on a GPU, for the MFU)."""
+    wanted = set(options.precisions) | ({"bf16"} if device.type == "cuda" else set())
+    peaks = {}
+    for precision in sorted(wanted, key=PRECISIONS.index):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        peaks[precision] = F.matmul_peak(device, dtype, size.matmul_n)
+        rate = peaks[precision]["flops_per_s"]
+        say(f"matmul peak {precision}: {rate / 1e9:,.1f} GFLOP/s (n={size.matmul_n})")
+    return peaks
+
+
+def _count_flops(workloads, runners, batch: Batch, size: Size, cfg, counts: dict, say) -> dict:
+    """Per workload: the model FLOPs of one iteration from the config, and FlopCounterMode's count of each
+    implementation (on the untouched weights: no optimizer step is taken)."""
+    flops: dict[str, dict] = {}
+    for workload in workloads:
+        model_flops = _model_flops(size, cfg, workload)
+        per = counts["train" if workload == "train" else "decode"]
+        counted = {}
+        for name, runner in runners.items():
+            try:
+                counted[name] = _count_workload_flops(workload, runner, batch, size, cfg.pad_id)
+            except Exception as error:
+                counted[name] = None
+                say(f"FlopCounterMode could not count {workload} of {runner.label}: {_first_line(error)}")
+        check = counted.get("vaswani")
+        flops[workload] = {
+            "model_flops": model_flops,
+            "per_token": model_flops / per,
+            "flop_counter": counted,
+            "flop_counter_over_model": None if not check else check / model_flops,
+        }
+        say(f"{workload}: {model_flops / per / 1e6:,.2f} MFLOP per token (counted from the config)")
+    return flops
+
+
+def _time_workloads(options, runners, batch, size, cfg, device, counts, flops, peaks, say) -> list[dict]:
+    """One row per workload, precision and implementation. Decoding runs first, on the copied weights, so
+    that the implementations' outputs can be compared; every training precision starts from them again."""
+    pristine = {name: copy.deepcopy(r.model.state_dict()) for name, r in runners.items()}
+    rows: list[dict] = []
+    for workload in [w for w in ("greedy", "beam", "train") if w in options.workloads]:
+        count = counts["train" if workload == "train" else "decode"]
+        for precision in options.precisions:
+            fns, statuses = {}, {}
+            for name, runner in runners.items():
+                if workload == "beam" and runner.beam is None:
+                    statuses[name] = ("n/a", f"{runner.label} has no beam search")
+                    continue
+                if workload == "train":
+                    runner.model.load_state_dict(pristine[name])
+                fns[name] = workload_fn(
+                    workload, runner, batch, precision, device, cfg.pad_id, size.new_tokens, size.beam_size
+                )
+            say(f"timing {workload} {precision}: {', '.join(runners[n].label for n in fns)}")
+            times, first, last, errors = _time_interleaved(fns, options.warmup, options.repeats, device)
+            for name in runners:
+                row = {"workload": workload, "precision": precision, "impl": name, "label": LABELS[name]}
+                row["unit"] = UNITS[workload]
+                if name in statuses:
+                    row["status"], row["note"] = statuses[name]
+                elif name in errors:
+                    row["status"], row["note"] = "error", errors[name]
+                    say(f"  {runners[name].label} failed: {errors[name]}")
+                else:
+                    seconds = statistics.median(times[name])
+                    row.update(status="ok", seconds=seconds, times=times[name], rate=count / seconds)
+                    row["flops_per_s"] = flops[workload]["model_flops"] / seconds
+                    row["peak_fraction"] = row["flops_per_s"] / peaks[precision]["flops_per_s"]
+                    if device.type == "cuda":
+                        row["mfu"] = row["flops_per_s"] / peaks["bf16"]["flops_per_s"]
+                    if workload == "train":
+                        row["first_loss"] = float(first[name])
+                    else:
+                        row["agreement_with_vaswani"] = _agreement(last, name)
+                rows.append(row)
+            del fns, first, last  # the optimizers and outputs of this round
+            if workload == "train":
+                for runner in runners.values():
+                    runner.model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _measure_memory(rows, options, size, cfg, device, threads, say) -> str | None:
+    """Add `memory_bytes` to every timed row, each measured in a fresh process (see memory.py); return how."""
+    method = None
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        say(f"memory: {row['workload']} {row['precision']} {row['label']} (fresh process)")
+        spec = probe_spec(
+            cfg,
+            (size.sentences, size.src_len, size.tgt_len),
+            (size.decode_sentences, size.decode_src_len),
+            options.seed,
+            row["impl"],
+            row["workload"],
+            row["precision"],
+            device,
+            threads,
+            size.new_tokens,
+            size.beam_size,
+        )
+        measured = measure_in_subprocess(spec)
+        row["memory_bytes"] = measured["bytes"]
+        if measured["bytes"] is None:
+            row["memory_note"] = measured["method"]
+        else:
+            method = measured["method"]
+    return method
 
 
 def _add_ratios(rows: list[dict]) -> None:
