@@ -9,6 +9,7 @@
     vaswani summarize RUN_DIR [RUN_DIR ...] [--split test]   (mean ± std over seeds)
     vaswani attention RUN_DIR TEXT [TEXT ...] [--target TEXT] [--layer L --head H] [--html]
     vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
+    vaswani bench [--size tiny|cpu|base] [--device cpu|cuda] [--precision fp32,bf16] [--out FILE] ...
 
 Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
 and exit with status 2, without a traceback.
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_summarize)
     add_interpret_commands(sub, run_options)
+    add_bench_command(sub)
     return parser
 
 
@@ -356,6 +358,72 @@ def add_interpret_commands(
     p.add_argument("which", choices=[*SANITY_PLOTS, "all"])
     p.add_argument("--out", default="plots", help="output directory (default: plots)")
     p.set_defaults(func=cmd_plot)
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vaswani.benchmark import BenchOptions, format_table, run_benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = BenchOptions(
+        size=args.size or ("base" if device == "cuda" else "cpu"),
+        device=device,
+        precisions=_names(args.precision),
+        implementations=_names(args.impl),
+        workloads=_names(args.workloads),
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        memory=args.memory,
+        seed=args.seed,
+        out=args.out,
+    )
+    results = run_benchmark(options)
+    print(format_table(results))
+    if args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """Add `vaswani bench` (vaswani.benchmark) to the subcommands `sub`."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmark vaswani against torch.nn.Transformer and Hugging Face Marian",
+        description="Time one training step (fp32 and bf16 autocast), greedy decoding and beam search on "
+        "vaswani, torch.nn.Transformer and Hugging Face MarianMTModel (skipped without transformers): the "
+        "same model, weights, batch, dtype and threads, in one process. Reports tokens/s, model FLOP/s "
+        "against the measured matmul peak, peak memory and every ratio. See docs/PERFORMANCE.md.",
+    )
+    p.add_argument(
+        "--size", choices=["tiny", "cpu", "base"], help="model and batch (default: cpu; base on cuda)"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
+    p.add_argument(
+        "--impl", default="vaswani,torch,hf", help="comma-separated: vaswani, torch, hf (default: all)"
+    )
+    p.add_argument(
+        "--workloads", default="train,greedy,beam", help="comma-separated: train, greedy, beam (default: all)"
+    )
+    p.add_argument("--threads", type=int, help="torch threads for every implementation (default: torch's)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default: 2)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed iterations; the median is reported (default: 5)"
+    )
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory measurements (each one runs in a fresh process)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token ids (default: 0)")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p.set_defaults(func=cmd_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
