@@ -29,7 +29,9 @@ from vaswani.data.images import (
     read_image_file,
 )
 from vaswani.data.paths import DataError
+from vaswani.interpret import attention_maps
 from vaswani.recipes import RecipeError, load_recipe
+from vaswani.runs import load_run
 from vaswani.vision import PatchEmbedding, patchify, resize_position_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,6 +434,8 @@ def test_digits_end_to_end_loss_falls_and_every_command_works(tmp_path, capsys):
     assert "the test split has images 0 to 358" in capsys.readouterr().err
     assert main(["attention", str(run)]) == 2
     assert "no input" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"takes vaswani\.interpret\.image_attention_maps"):
+        attention_maps(load_run(run), "a text")
 
 
 def test_cli_bad_image_input_gives_one_line_and_exit_2():

@@ -293,8 +293,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint, args.device)
     if isinstance(run.task, ImageClassificationTask):
         return _image_attention(run, args)
-    if args.image_index:
-        raise ValueError(f"--image-index is for image runs; this is a {run.recipe.data.task} run")
+    if args.image_index or args.split:
+        raise ValueError(f"--image-index/--split are for image runs; this is a {run.recipe.data.task} run")
     if not args.texts:
         raise ValueError("no input: give one or more texts")
     targets = args.target or []
