@@ -7,7 +7,7 @@ from vaswani.attention import (
     padding_mask,
     scaled_dot_product_attention,
 )
-from vaswani.config import TransformerConfig
+from vaswani.config import TransformerConfig, VisionConfig
 from vaswani.generation import (
     DecodingOptions,
     beam_search,
@@ -17,6 +17,7 @@ from vaswani.generation import (
     top_p_filter,
 )
 from vaswani.models import Transformer, TransformerClassifier, TransformerLM
+from vaswani.vision import VisionTransformer
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "TransformerClassifier",
     "TransformerConfig",
     "TransformerLM",
+    "VisionConfig",
+    "VisionTransformer",
     "beam_search",
     "causal_mask",
     "greedy_search",

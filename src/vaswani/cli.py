@@ -3,11 +3,12 @@
     vaswani train CONFIG [--set key=value ...] [--run-dir DIR] [--resume]
     vaswani evaluate RUN_DIR [--split NAME | --src FILE --ref FILE]
     vaswani translate RUN_DIR [TEXT ...]          (or lines on stdin)
-    vaswani classify RUN_DIR [TEXT ...]           (or lines on stdin)
+    vaswani classify RUN_DIR [TEXT ...]           (or lines on stdin; an image run takes .png/.npy paths)
     vaswani generate RUN_DIR --prompt TEXT
     vaswani average RUN_DIR --last N
     vaswani summarize RUN_DIR [RUN_DIR ...] [--split test]   (mean ± std over seeds)
     vaswani attention RUN_DIR TEXT [TEXT ...] [--target TEXT] [--layer L --head H] [--html]
+    vaswani attention RUN_DIR [IMAGE ...] [--image-index N ...] [--split NAME]     (an image run)
     vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
     vaswani bench [--size tiny|cpu|base] [--device cpu|cuda] [--precision fp32,bf16] [--out FILE] ...
 
@@ -25,12 +26,15 @@ from pathlib import Path
 
 import torch
 
+from vaswani.data.images import read_image_file
 from vaswani.data.paths import DataError
 from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, summarize_runs, write_json
 from vaswani.interpret import (
     SANITY_PLOTS,
     attention_maps,
+    image_attention_maps,
     output_dir_for,
+    plot_image_attention,
     write_attention_files,
     write_sanity_plots,
 )
@@ -39,6 +43,7 @@ from vaswani.runs import average_run, load_run
 from vaswani.tasks import ClassificationTask, LanguageModelTask, TranslationTask, make_task
 from vaswani.training.checkpoint import CheckpointError
 from vaswani.training.trainer import Trainer
+from vaswani.vision_task import ImageClassificationTask
 
 # ValueError covers bad recipes, data, checkpoints and tokenizers (their errors derive from it).
 USER_ERRORS = (RecipeError, DataError, CheckpointError, ValueError, OSError, FloatingPointError)
@@ -122,11 +127,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{results['sentences']} sentences, beam {results['beam_size']}, "
             f"checkpoint {results['checkpoint']}"
         )
-    elif isinstance(task, ClassificationTask):
+    elif isinstance(task, (ClassificationTask, ImageClassificationTask)):
         if args.src:
             raise ValueError("--src/--ref are for translation runs; use --split for a classifier")
         data = task.data(split)
-        _, report = task.evaluate(run.model, run.device, data.texts, data.labels)
+        inputs = data.unit_tensor() if isinstance(task, ImageClassificationTask) else data.texts
+        _, report = task.evaluate(run.model, run.device, inputs, data.labels)
         results = {"split": split, "checkpoint": str(run.checkpoint.relative_to(run_dir)), **report.to_dict()}
         plot_confusion_matrix(report, run_dir / f"confusion_{split}.png")
         print(format_confusion_matrix(report))
@@ -143,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_of(args: argparse.Namespace, task_class: type, what: str):
+def _load_run_of(args: argparse.Namespace, task_class: type | tuple[type, ...], what: str):
     run = load_run(args.run_dir, args.checkpoint, args.device)
     if not isinstance(run.task, task_class):
         raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a {what} run")
@@ -161,17 +167,25 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_images(paths: list[str], run) -> torch.Tensor:
+    cfg = run.model.config
+    return torch.stack([read_image_file(path, cfg.channels, cfg.image_size) for path in paths])
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    run = _load_run_of(args, ClassificationTask, "classification")
+    run = _load_run_of(args, (ClassificationTask, ImageClassificationTask), "classification")
     texts = _read_inputs(args.texts)
-    probs = run.task.predict(run.model, run.task.encode(texts), run.device)
+    if isinstance(run.task, ImageClassificationTask):
+        key, probs = "image", run.task.predict(run.model, _read_images(texts, run), run.device)
+    else:
+        key, probs = "text", run.task.predict(run.model, run.task.encode(texts), run.device)
     names = run.task.label_names
     for text, row in zip(texts, probs.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)
         if args.json:
             print(
                 json.dumps(
-                    {"text": text, "label": names[best], "probabilities": dict(zip(names, row, strict=True))}
+                    {key: text, "label": names[best], "probabilities": dict(zip(names, row, strict=True))}
                 )
             )
         else:
@@ -303,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- interpretability
 def cmd_attention(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, args.checkpoint, args.device)
+    if isinstance(run.task, ImageClassificationTask):
+        return _image_attention(run, args)
+    if args.image_index or args.split:
+        raise ValueError(f"--image-index/--split are for image runs; this is a {run.recipe.data.task} run")
+    if not args.texts:
+        raise ValueError("no input: give one or more texts")
     targets = args.target or []
     if targets and len(targets) != len(args.texts):
         raise ValueError(f"{len(args.texts)} texts but {len(targets)} --target: give one --target per text")
@@ -314,6 +334,33 @@ def cmd_attention(args: argparse.Namespace) -> int:
     for maps in all_maps:
         directory = output_dir_for(out, maps.text, taken)
         for path in write_attention_files(maps, directory, args.layer, args.head, args.html):
+            print(path)
+    return 0
+
+
+def _image_attention(run, args: argparse.Namespace) -> int:
+    """`vaswani attention` on an image run: image files and/or --image-index N of the --split."""
+    if args.target:
+        raise ValueError("--target is for translation runs")
+    if not args.texts and not args.image_index:
+        raise ValueError("no input: give image files (.png, .npy) or --image-index N")
+    images = _read_images(args.texts, run) if args.texts else []
+    inputs = [(Path(path).stem, image, None) for path, image in zip(args.texts, images, strict=True)]
+    if args.image_index:
+        split = args.split or "test"
+        data = run.task.data(split)
+        for index in args.image_index:
+            if not 0 <= index < len(data):
+                raise ValueError(f"--image-index {index}: the {split} split has images 0 to {len(data) - 1}")
+            label = data.label_names[data.labels[index]]
+            inputs.append((f"{split} image {index}", data.unit_tensor([index])[0], label))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "attention"
+    taken: set[str] = set()
+    for name, image, label in inputs:
+        attention = image_attention_maps(run, image, name, label)
+        directory = output_dir_for(out, name, taken)
+        print(plot_image_attention(attention, directory / "cls_overlay.png"))
+        for path in write_attention_files(attention.maps, directory, args.layer, args.head, args.html):
             print(path)
     return 0
 
@@ -334,10 +381,20 @@ def add_interpret_commands(
         help="draw a model's attention for some inputs",
         description="Attention maps of a trained run: per input, a grid of heads per layer and attention "
         "kind, one head at full size, the [CLS] attention of a classifier, and with --html one "
-        "self-contained page to browse them. Layers and heads count from 1.",
+        "self-contained page to browse them. For an image run, the inputs are image files (.png, .npy) "
+        "or --image-index N, and cls_overlay.png draws the [CLS] attention over the image, per layer. "
+        "Layers and heads count from 1.",
     )
     run_options(p)
-    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts, or image files for an image run")
+    p.add_argument(
+        "--image-index",
+        type=int,
+        action="append",
+        metavar="N",
+        help="image run: image N of --split (repeatable)",
+    )
+    p.add_argument("--split", help="image run: the split --image-index reads (default: test)")
     p.add_argument(
         "--target",
         action="append",

@@ -1,8 +1,10 @@
-"""The one configuration object of the library, with the paper's presets (Table 3).
+"""The configuration objects of the library, with the papers' presets.
 
 `TransformerConfig` describes the encoder-decoder of Vaswani et al. (2017) and the two variants built from
-the same blocks (an encoder-only classifier and a decoder-only language model). It is validated when it is
-made, so that a wrong value fails at once with a message naming the field, not deep inside a forward pass.
+the same blocks (an encoder-only classifier and a decoder-only language model), with Table 3's presets.
+`VisionConfig` describes the Vision Transformer (Dosovitskiy et al., 2020) built on the same encoder, with
+the presets of its Table 1. Both are validated when they are made, so that a wrong value fails at once with
+a message naming the field, not deep inside a forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "sinusoidal_concat", "learned")
 ATTENTION_IMPLS = ("sdpa", "explicit")
 POOLINGS = ("cls", "mean", "max")
 INITS = ("xavier",)
+PATCH_EMBEDDINGS = ("conv", "linear")
 
 
 @dataclass
@@ -187,3 +190,130 @@ class TransformerConfig:
             d_model=64, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1, max_len=256
         )
         return cls(vocab_size=vocab_size, **{**values, **overrides})
+
+
+@dataclass
+class VisionConfig:
+    """Hyperparameters of a Vision Transformer (Dosovitskiy et al., 2020, §3.1 and Table 1).
+
+    Images are square, `image_size` pixels a side with `channels` channels, cut into (image_size /
+    patch_size)^2 patches of patch_size x patch_size pixels; image_size must be a multiple of patch_size,
+    because no image is ever padded or cropped. The encoder fields have the names and meanings of
+    `TransformerConfig`'s; the defaults are ViT-Base (12 layers, d_model 768, MLP 3072, 12 heads), pre-LN
+    with GELU as in the ViT paper (Eq. 2-3), LayerNorm eps 1e-6 as in its reference code.
+
+    Fields beyond the encoder's:
+      n_classes         the classification head's outputs.
+      pooling           "cls" (the final [CLS] state, Eq. 4) or "mean" (the mean of the patch states:
+                        the global average pooling of the paper's Appendix D.3).
+      patch_embedding   "conv" (a convolution with kernel and stride patch_size) or "linear" (flatten each
+                        patch, multiply by E, Eq. 1): the same function of the same weights.
+    """
+
+    image_size: int
+    patch_size: int
+    n_classes: int
+    channels: int = 3
+    d_model: int = 768
+    n_heads: int = 12
+    d_ff: int = 3072
+    n_encoder_layers: int = 12
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    norm_first: bool = True
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_impl: str = "sdpa"
+    bias: bool = True
+    pooling: str = "cls"
+    patch_embedding: str = "conv"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot work."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"VisionConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("image_size", "patch_size", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, "must be a positive integer")
+        if self.image_size % self.patch_size != 0:
+            fail("patch_size", f"must divide image_size={self.image_size}: images are never padded")
+        if not isinstance(self.n_classes, int) or isinstance(self.n_classes, bool) or self.n_classes < 2:
+            fail("n_classes", "must be an integer >= 2")
+        if self.pooling not in POOLINGS:
+            fail("pooling", f"must be one of {POOLINGS}")
+        if self.patch_embedding not in PATCH_EMBEDDINGS:
+            fail("patch_embedding", f"must be one of {PATCH_EMBEDDINGS}")
+        try:
+            self.encoder_config()
+        except ValueError as error:
+            raise ValueError(str(error).replace("TransformerConfig.", "VisionConfig.", 1)) from None
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along each side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size**2
+
+    def encoder_config(self) -> TransformerConfig:
+        """The `TransformerConfig` of the encoder stack.
+
+        The encoder reads only the fields it uses; the vocabulary fields are placeholders that a patch
+        sequence never looks at, set to the smallest values the config accepts.
+        """
+        return TransformerConfig(
+            vocab_size=2,
+            pad_id=0,
+            bos_id=0,
+            eos_id=1,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            n_encoder_layers=self.n_encoder_layers,
+            n_decoder_layers=0,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout,
+            max_len=1 + self.n_patches,
+            norm_first=self.norm_first,
+            activation=self.activation,
+            positional="learned",
+            layer_norm_eps=self.layer_norm_eps,
+            attention_impl=self.attention_impl,
+            bias=self.bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> VisionConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets (ViT paper, Table 1)
+    @classmethod
+    def base(cls, image_size: int, patch_size: int, n_classes: int, **overrides: Any) -> VisionConfig:
+        """ViT-Base: 12 layers, d_model 768, MLP 3072, 12 heads (86M parameters as ViT-B/16 at 224)."""
+        values = dict(d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=12)
+        return cls(image_size, patch_size, n_classes, **{**values, **overrides})
+
+    @classmethod
+    def large(cls, image_size: int, patch_size: int, n_classes: int, **overrides: Any) -> VisionConfig:
+        """ViT-Large: 24 layers, d_model 1024, MLP 4096, 16 heads (307M)."""
+        values = dict(d_model=1024, n_heads=16, d_ff=4096, n_encoder_layers=24)
+        return cls(image_size, patch_size, n_classes, **{**values, **overrides})
+
+    @classmethod
+    def huge(cls, image_size: int, patch_size: int, n_classes: int, **overrides: Any) -> VisionConfig:
+        """ViT-Huge: 32 layers, d_model 1280, MLP 5120, 16 heads (632M)."""
+        values = dict(d_model=1280, n_heads=16, d_ff=5120, n_encoder_layers=32)
+        return cls(image_size, patch_size, n_classes, **{**values, **overrides})

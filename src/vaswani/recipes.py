@@ -3,7 +3,9 @@
 The one configuration system of the library: dataclasses, filled from a TOML file, changed with
 `--set section.key=value` overrides, validated on load. A wrong key or value fails with one line naming it
 (`[train] warmup_step: unknown key (did you mean warmup_steps?)`). The model section holds the fields of
-`TransformerConfig` (plus `preset`); the vocabulary size and special-token ids come from the tokenizer.
+`TransformerConfig` (plus `preset`); the vocabulary size and special-token ids come from the tokenizer. For
+`task = "image_classification"` it holds the fields of `VisionConfig` instead; the image size, channels
+and number of classes come from the dataset.
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaswani.config import TransformerConfig
+from vaswani.config import TransformerConfig, VisionConfig
+from vaswani.data.images import AUGMENTATIONS, IMAGE_DATASETS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-TASKS = ("translation", "classification", "lm")
+TASKS = ("translation", "classification", "lm", "image_classification")
 TOKENIZERS = ("bpe", "wordpiece", "chars")
 SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
 PRESETS = ("base", "big", "small", "tiny")
+VISION_PRESETS = ("base", "large", "huge")  # the ViT paper's Table 1
 # Set from the tokenizer and the data, never by hand.
 DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
+DERIVED_VISION_FIELDS = ("image_size", "channels", "n_classes")
 
 
 class RecipeError(ValueError):
@@ -43,8 +48,9 @@ class RecipeError(ValueError):
 class DataSection:
     """What to train on and how to cut it into batches."""
 
-    task: str = "translation"  # translation | classification | lm
-    # multi30k | trec | trec-fine | sst2 | sst5 | bbc_news | ag_news | tiny_shakespeare | files
+    task: str = "translation"  # translation | classification | lm | image_classification
+    # multi30k | trec | trec-fine | sst2 | sst5 | bbc_news | ag_news | tiny_shakespeare | files;
+    # images: digits | mnist | cifar10
     dataset: str = "multi30k"
     data_dir: str | None = None  # else VASWANI_DATA, ../shared/data, the user cache
     src_lang: str = "en"
@@ -73,11 +79,13 @@ class DataSection:
     max_sentences: int | None = None
     max_len: int = 256  # translation: longer pairs are left out of training; classification: truncated
     block_size: int = 256  # lm: tokens per training window
-    batch_size: int = 32  # lm: windows per batch
+    batch_size: int = 32  # lm: windows per batch; image_classification: images per batch
     windows_per_epoch: int = 1000  # lm: random windows that make one "epoch"
     # classification: each training token becomes [UNK] with this probability, drawn afresh every epoch
     # (word dropout, Iyyer et al. 2015: a regulariser for small data sets trained from scratch)
     word_dropout: float = 0.0
+    augment: str = "none"  # images: none | crop_flip (pad, random crop, horizontal flip)
+    crop_padding: int = 4  # images, crop_flip: zero pixels added on each side before cropping
 
 
 @dataclass
@@ -136,6 +144,21 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     decode: DecodeSection = field(default_factory=DecodeSection)
 
+    def vision_config(self, **derived: Any) -> VisionConfig:
+        """The VisionConfig of this recipe, with image_size, channels and n_classes filled in."""
+        values = dict(self.model)
+        preset = values.pop("preset", None)
+        values.update(derived)
+        if "patch_size" not in values:
+            raise RecipeError("[model] patch_size: an image model needs one (a divisor of the image size)")
+        try:
+            if preset is None:
+                return VisionConfig(**values)
+            fixed = [values.pop(name) for name in ("image_size", "patch_size", "n_classes")]
+            return getattr(VisionConfig, preset)(*fixed, **values)
+        except ValueError as error:
+            raise RecipeError(f"[model] {error}") from None
+
     def model_config(self, **derived: Any) -> TransformerConfig:
         """The TransformerConfig of this recipe, with the derived fields (vocabulary, ids) filled in."""
         values = dict(self.model)
@@ -186,15 +209,19 @@ def _fill(section: str, cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _check_model_section(values: dict[str, Any]) -> dict[str, Any]:
+def _check_model_section(values: dict[str, Any], task: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise RecipeError("[model] must be a table of key = value pairs")
-    allowed = {f.name for f in dataclasses.fields(TransformerConfig)} - set(DERIVED_MODEL_FIELDS)
+    if task == "image_classification":
+        config, presets, derived = VisionConfig, VISION_PRESETS, DERIVED_VISION_FIELDS
+    else:
+        config, presets, derived = TransformerConfig, PRESETS, DERIVED_MODEL_FIELDS
+    allowed = {f.name for f in dataclasses.fields(config)} - set(derived)
     for key, value in values.items():
         if key == "preset":
-            if value not in PRESETS:
-                raise RecipeError(f"[model] preset = {value!r}: must be one of {PRESETS}")
-        elif key in DERIVED_MODEL_FIELDS:
+            if value not in presets:
+                raise RecipeError(f"[model] preset = {value!r}: a {task} model takes one of {presets}")
+        elif key in derived:
             raise RecipeError(f"[model] {key}: set from the tokenizer and data, not in the recipe")
         elif key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
@@ -236,12 +263,25 @@ def _validate(recipe: Recipe) -> None:
     need(t.lr > 0 and t.lr_scale > 0, "[train] lr / lr_scale", "must be > 0")
     need(t.clip_norm >= 0, f"[train] clip_norm = {t.clip_norm}", "must be >= 0 (0 = off)")
     need(t.average_last >= 0, f"[train] average_last = {t.average_last}", "must be >= 0")
+    need(d.augment in AUGMENTATIONS, f"[data] augment = {d.augment!r}", f"must be one of {AUGMENTATIONS}")
+    need(d.crop_padding >= 0, f"[data] crop_padding = {d.crop_padding}", "must be >= 0")
     need(dec.temperature > 0, f"[decode] temperature = {dec.temperature}", "must be > 0")
     need(
         t.average_last <= t.keep_checkpoints or t.average_last <= 1,
         f"[train] average_last = {t.average_last}",
         f"needs keep_checkpoints >= {t.average_last}",
     )
+    if d.task == "image_classification":
+        need(
+            d.dataset in IMAGE_DATASETS,
+            f"[data] dataset = {d.dataset!r}",
+            f"must be one of {tuple(IMAGE_DATASETS)}",
+        )
+        spec = IMAGE_DATASETS[d.dataset]
+        recipe.vision_config(
+            image_size=spec.image_size, channels=spec.channels, n_classes=len(spec.label_names)
+        )
+        return
     recipe.model_config(vocab_size=max(d.vocab_size, 8), n_classes=2 if d.task == "classification" else None)
 
 
@@ -253,11 +293,12 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise RecipeError(f"{source}: unknown top-level key {key!r}{hint}")
+    data = _fill("data", DataSection, values.get("data", {}))
     recipe = Recipe(
         name=str(values.get("name", "run")),
         description=str(values.get("description", "")),
-        model=_check_model_section(values.get("model", {"preset": "small"})),
-        data=_fill("data", DataSection, values.get("data", {})),
+        model=_check_model_section(values.get("model", {"preset": "small"}), data.task),
+        data=data,
         train=_fill("train", TrainSection, values.get("train", {})),
         decode=_fill("decode", DecodeSection, values.get("decode", {})),
     )

@@ -2,7 +2,7 @@
 
 RUN_DIR/
   recipe.toml          the recipe as trained (overrides applied)
-  tokenizer.json       the tokenizer (and labels.txt for a classifier)
+  tokenizer.json       the tokenizer (and labels.txt for a classifier); an image run has neither
   metrics.jsonl        one JSON object per line: training and validation metrics by step
   plots/*.png          the learning curves
   checkpoints/         step_NNNNNNN/ (weights + optimizer/RNG/data position) and LATEST
@@ -79,8 +79,9 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | N
         raise CheckpointError(f"{run_dir}: not a vaswani run directory (no {RECIPE_FILE})")
     recipe = load_recipe(recipe_path)
     task = make_task(recipe, run_dir)
-    if not (run_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{run_dir}: no tokenizer.json")
+    for name in task.run_files:
+        if not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir}: no {name}")
     chosen = checkpoint_path(run_dir, checkpoint)
     target = resolve_device(device or recipe.train.device)
     model = task.build_model()

@@ -4,6 +4,7 @@ Three tasks share the training loop (vaswani.training.trainer):
 - `TranslationTask`: parallel text -> joint BPE (§5.1) -> `Transformer`, label-smoothed loss, BLEU.
 - `ClassificationTask`: labelled text -> word pieces -> `TransformerClassifier`, accuracy and macro-F1.
 - `LanguageModelTask`: a text stream -> characters (or BPE) -> `TransformerLM`, bits per character.
+- `ImageClassificationTask` (vaswani.vision_task): images -> `VisionTransformer`, accuracy and macro-F1.
 
 A task reads its data lazily, so a trained run can be loaded for inference without the training data.
 """
@@ -35,12 +36,15 @@ from vaswani.models import Transformer, TransformerClassifier, TransformerLM
 from vaswani.recipes import Recipe
 from vaswani.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
+from vaswani.vision_task import ImageClassificationTask
 
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
 
 
 class _Task:
+    run_files: tuple[str, ...] = (TOKENIZER_FILE,)  # beyond recipe.toml, what loading a trained run needs
+
     def __init__(self, recipe: Recipe, run_dir: Path) -> None:
         self.recipe, self.run_dir = recipe, Path(run_dir)
 
@@ -493,8 +497,13 @@ class LanguageModelTask(_Task):
         return self.tokenizer.decode(tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
 
 
-TASK_CLASSES = {"translation": TranslationTask, "classification": ClassificationTask, "lm": LanguageModelTask}
+TASK_CLASSES = {
+    "translation": TranslationTask,
+    "classification": ClassificationTask,
+    "lm": LanguageModelTask,
+    "image_classification": ImageClassificationTask,
+}
 
 
-def make_task(recipe: Recipe, run_dir: Path) -> _Task:
+def make_task(recipe: Recipe, run_dir: Path) -> _Task | ImageClassificationTask:
     return TASK_CLASSES[recipe.data.task](recipe, run_dir)

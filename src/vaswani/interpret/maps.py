@@ -148,6 +148,11 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
     Raises ValueError, in one line, for an empty or over-long input.
     """
     task, model, device = run.task, run.model, run.device
+    if not isinstance(task, (TranslationTask, ClassificationTask, LanguageModelTask)):
+        raise ValueError(
+            f"attention_maps reads text; a {run.recipe.data.task} run takes "
+            "vaswani.interpret.image_attention_maps"
+        )
     tokenizer, cfg = task.tokenizer, model.config
 
     def tokens(ids: list[int]) -> list[str]:
@@ -194,10 +199,6 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
                 prediction=f"{task.label_names[best]} ({float(probs[best]):.3f})",
                 source_ids=ids,
             )
-        if isinstance(task, LanguageModelTask):
-            _check_fits(len(ids), cfg.max_len, "text")
-            _, weights = model(tensor(ids), return_attention=True)
-            return AttentionMaps("lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids)
-    raise ValueError(
-        f"attention maps need a translation, classification or lm run, not {type(task).__name__}"
-    )
+        _check_fits(len(ids), cfg.max_len, "text")  # a language model
+        _, weights = model(tensor(ids), return_attention=True)
+        return AttentionMaps("lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids)
