@@ -20,6 +20,10 @@ def test_every_shipped_recipe_is_valid_and_round_trips(path, tmp_path):
     copy = tmp_path / "copy.toml"
     copy.write_text(recipe_to_toml(recipe))
     assert load_recipe(copy) == recipe
+    if recipe.init_from is not None:  # the architecture is the pretrained checkpoint's, not the recipe's
+        with pytest.raises(RecipeError, match="init_from"):
+            recipe.model_config(vocab_size=1000)
+        return
     cfg = recipe.model_config(vocab_size=1000, n_classes=4 if recipe.data.task == "classification" else None)
     assert cfg.vocab_size == 1000
 

@@ -68,6 +68,32 @@ class Task(Protocol):
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
+    def initialize(self, model: nn.Module) -> list[str]:
+        """Load the recipe's init_from weights into a new model; return the tensors that stay new."""
+        ...
+
+
+def freeze(model: nn.Module, embeddings: bool, layers: int) -> int:
+    """Stop training the embeddings and/or the first `layers` layers of each stack (fine-tuning); returns
+    how many parameters were frozen."""
+    modules: list[nn.Module] = []
+    if embeddings:
+        modules += [m for name, m in model.named_children() if name.endswith("embed")]
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if layers and stack is not None:
+            if layers > len(stack.layers):
+                raise ValueError(
+                    f"[train] freeze_layers = {layers}: the model has {len(stack.layers)} layers"
+                )
+            modules += list(stack.layers[:layers])
+    frozen = 0
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+    return frozen
+
 
 def resolve_device(name: str) -> torch.device:
     """The one place that picks the device: "auto" is CUDA when available, else CPU."""
@@ -145,9 +171,24 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
-        model = self.task.build_model().to(self.device)
+        model = self.task.build_model()
+        if not self.resume:
+            fresh = self.task.initialize(model)
+            if recipe.init_from is not None:
+                tqdm.write(
+                    f"initialised from {recipe.init_from}"
+                    + (f"; trained from scratch: {', '.join(fresh)}" if fresh else "")
+                )
+        frozen = freeze(model, t.freeze_embeddings, t.freeze_layers)
+        if frozen:
+            tqdm.write(f"frozen: {frozen:,} parameters")
+        model.to(self.device)
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=1.0, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=1.0,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
         )
         lr_at = learning_rate_function(recipe, model.config.d_model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i + 1))
