@@ -347,7 +347,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     imported = import_hf(args.hf_dir, args.run_dir)
     print(
         f"imported a {imported.family} checkpoint ({imported.parameters:,} parameters) "
-        f"into {imported.run_dir} as a {imported.task} run"
+        f"into {imported.run_dir} (task: {imported.task})"
     )
     if imported.unused:
         print(f"not imported (no place in vaswani): {', '.join(imported.unused)}")
