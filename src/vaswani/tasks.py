@@ -38,7 +38,7 @@ from vaswani.data.datasets import (
 from vaswani.evaluation import classification_report, corpus_bleu, corpus_chrf
 from vaswani.models import Transformer, TransformerClassifier, TransformerEncoder, TransformerLM
 from vaswani.recipes import Recipe, RecipeError
-from vaswani.tokenization import CLS_ID, Tokenizer, load_tokenizer
+from vaswani.tokenization import Tokenizer, load_tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -390,8 +390,9 @@ class ClassificationTask(_Task):
         return self.train_data.texts
 
     def _recipe_config(self, **derived) -> TransformerConfig:
-        cls_id = getattr(self.tokenizer, "cls_id", CLS_ID)
-        return self.recipe.model_config(**derived, cls_id=cls_id, n_classes=len(self.label_names))
+        return self.recipe.model_config(
+            **derived, cls_id=self.tokenizer.cls_id, n_classes=len(self.label_names)
+        )
 
     def _adapt_config(self, cfg: TransformerConfig) -> TransformerConfig:
         # A BERT encoder's [CLS] is the tokenizer's; the head is sized for this data set's labels.

@@ -106,7 +106,12 @@ def read_hf(directory: str | Path) -> Pretrained:
         raise HFImportError(f"mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
     generation = {}
     if (directory / "generation_config.json").is_file():
-        generation = json.loads((directory / "generation_config.json").read_text(encoding="utf-8"))
+        try:
+            generation = json.loads((directory / "generation_config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise HFImportError(
+                f"{directory / 'generation_config.json'}: not readable JSON: {error}"
+            ) from None
     return Pretrained(model.eval(), tokenizer, family, directory, converted.unused, generation)
 
 

@@ -69,7 +69,8 @@ class Task(Protocol):
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
     def initialize(self, model: nn.Module) -> list[str]:
-        """Load the recipe's init_from weights into a new model; return the tensors that stay new."""
+        """Load the recipe's init_from weights into a new model; return the tensors that stay new (called
+        only for recipes with [model] init_from)."""
         ...
 
 
@@ -172,13 +173,12 @@ class Trainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         model = self.task.build_model()
-        if not self.resume:
+        if recipe.init_from is not None and not self.resume:  # a resumed run has its own weights
             fresh = self.task.initialize(model)
-            if recipe.init_from is not None:
-                tqdm.write(
-                    f"initialised from {recipe.init_from}"
-                    + (f"; trained from scratch: {', '.join(fresh)}" if fresh else "")
-                )
+            tqdm.write(
+                f"initialised from {recipe.init_from}"
+                + (f"; trained from scratch: {', '.join(fresh)}" if fresh else "")
+            )
         frozen = freeze(model, t.freeze_embeddings, t.freeze_layers)
         if frozen:
             tqdm.write(f"frozen: {frozen:,} parameters")
