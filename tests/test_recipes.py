@@ -21,6 +21,10 @@ def test_every_shipped_recipe_is_valid_and_round_trips(path, tmp_path):
     copy = tmp_path / "copy.toml"
     copy.write_text(recipe_to_toml(recipe))
     assert load_recipe(copy) == recipe
+    if recipe.init_from is not None:  # the architecture is the pretrained checkpoint's, not the recipe's
+        with pytest.raises(RecipeError, match="init_from"):
+            recipe.model_config(vocab_size=1000)
+        return
     if recipe.data.task == "image_classification":
         spec = IMAGE_DATASETS[recipe.data.dataset]
         vision = recipe.vision_config(image_size=spec.image_size, channels=spec.channels, n_classes=10)

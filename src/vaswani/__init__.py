@@ -16,7 +16,8 @@ from vaswani.generation import (
     top_k_filter,
     top_p_filter,
 )
-from vaswani.models import Transformer, TransformerClassifier, TransformerLM
+from vaswani.hub import import_hf, load_hf
+from vaswani.models import Transformer, TransformerClassifier, TransformerEncoder, TransformerLM
 from vaswani.vision import VisionTransformer
 
 __version__ = "0.1.0"
@@ -28,12 +29,15 @@ __all__ = [
     "Transformer",
     "TransformerClassifier",
     "TransformerConfig",
+    "TransformerEncoder",
     "TransformerLM",
     "VisionConfig",
     "VisionTransformer",
     "beam_search",
     "causal_mask",
     "greedy_search",
+    "import_hf",
+    "load_hf",
     "padding_mask",
     "sample_next_token",
     "scaled_dot_product_attention",

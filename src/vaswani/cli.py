@@ -11,6 +11,9 @@
     vaswani attention RUN_DIR [IMAGE ...] [--image-index N ...] [--split NAME]     (an image run)
     vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
     vaswani bench [--size tiny|cpu|base] [--device cpu|cuda] [--precision fp32,bf16] [--out FILE] ...
+    vaswani import-hf HF_DIR RUN_DIR              (a Hugging Face Marian or BERT-family checkpoint)
+    vaswani embed RUN_DIR [TEXT ...]              (sentence embeddings of an imported encoder)
+    vaswani export RUN_DIR --format onnx [--out DIR]
 
 Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
 and exit with status 2, without a traceback.
@@ -40,7 +43,7 @@ from vaswani.interpret import (
 )
 from vaswani.recipes import RecipeError, load_recipe
 from vaswani.runs import average_run, load_run
-from vaswani.tasks import ClassificationTask, LanguageModelTask, TranslationTask, make_task
+from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask, make_task
 from vaswani.training.checkpoint import CheckpointError
 from vaswani.training.trainer import Trainer
 from vaswani.vision_task import ImageClassificationTask
@@ -137,6 +140,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         plot_confusion_matrix(report, run_dir / f"confusion_{split}.png")
         print(format_confusion_matrix(report))
         print(f"accuracy = {report.accuracy:.4f}   macro-F1 = {report.macro_f1:.4f}   ({len(data)} examples)")
+    elif isinstance(task, EncoderTask):
+        raise ValueError(f"{args.run_dir} is an imported encoder: it has no task to evaluate on")
     else:
         assert isinstance(task, LanguageModelTask)
         metrics = task.validate(run.model, run.device)
@@ -311,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summarize)
     add_interpret_commands(sub, run_options)
     add_bench_command(sub)
+    add_pretrained_commands(sub, run_options)
     return parser
 
 
@@ -481,6 +487,77 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token ids (default: 0)")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=cmd_bench)
+
+
+# ---------------------------------------------------------------------------------------- pretrained models
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from vaswani.hub import import_hf
+
+    imported = import_hf(args.hf_dir, args.run_dir)
+    print(
+        f"imported a {imported.family} checkpoint ({imported.parameters:,} parameters) "
+        f"into {imported.run_dir} (task: {imported.task})"
+    )
+    if imported.unused:
+        print(f"not imported (no place in vaswani): {', '.join(imported.unused)}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    run = _load_run_of(args, EncoderTask, "encoder")
+    texts = _read_inputs(args.texts)
+    vectors = run.task.embed(run.model, texts, run.device)
+    for text, vector in zip(texts, vectors.tolist(), strict=True):
+        print(json.dumps({"text": text, "embedding": [round(v, 6) for v in vector]}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vaswani.export import export_run
+
+    info = export_run(args.run_dir, args.out, args.format)
+    print(
+        f"exported the {info['kind']} model to {info['directory']}: {', '.join(info['files'])} "
+        f"(onnxruntime vs PyTorch: max abs difference {info['max_error']:.1e})"
+    )
+    return 0
+
+
+def add_pretrained_commands(
+    sub: argparse._SubParsersAction, run_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Add `vaswani import-hf`, `embed` and `export` (vaswani.hub, vaswani.export)."""
+    p = sub.add_parser(
+        "import-hf",
+        help="import a Hugging Face Marian or BERT-family checkpoint as a run directory",
+        description="Read a Hugging Face checkpoint directory (config.json, model.safetensors or "
+        "pytorch_model.bin, tokenizer files; or pkg:MODULE/DIR inside an installed package) and write a "
+        "vaswani run directory: Marian -> a translation run, a BERT-family encoder -> an encoder run.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser(
+        "embed",
+        help="sentence embeddings of an imported encoder",
+        description="Mean of the token states, L2-normalised (sentence-transformers' pooling), one JSON "
+        "line per input.",
+    )
+    run_options(p)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "export",
+        help="export a run's model to ONNX",
+        description="Export a classifier, an encoder, or an encoder-decoder (encoder + one decoder step "
+        "with a KV cache) with dynamic batch and sequence axes; checked against PyTorch with onnxruntime.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", help="onnx (the only format)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/onnx)")
+    p.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

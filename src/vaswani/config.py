@@ -43,6 +43,11 @@ class TransformerConfig:
       n_classes, pooling   for `TransformerClassifier`: number of classes and "cls" (the [CLS] state),
                            "mean" or "max" (mean or elementwise maximum of the real token states).
       cls_id               the [CLS] token the classifier prepends; None uses `bos_id`.
+
+    Fields for imported pretrained models (vaswani.hub); their defaults are the paper's model:
+      type_vocab_size      BERT's token-type (segment) embeddings added to the input embeddings; 0 = none.
+      embedding_norm       a LayerNorm on the summed input embeddings before dropout (BERT); False = none.
+      final_logits_bias    a fixed (not trained) bias added to the output logits (Marian); False = none.
     """
 
     vocab_size: int
@@ -72,6 +77,9 @@ class TransformerConfig:
     n_classes: int | None = None
     pooling: str = "cls"
     cls_id: int | None = None
+    type_vocab_size: int = 0
+    embedding_norm: bool = False
+    final_logits_bias: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,6 +137,11 @@ class TransformerConfig:
             fail("n_classes", "must be None or an integer >= 2")
         if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", "must be a positive float")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            fail("type_vocab_size", "must be a non-negative integer (0 = no token-type embeddings)")
+        for name in ("embedding_norm", "final_logits_bias"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -104,6 +104,8 @@ class Embeddings(nn.Module):
     (§5.4: "we apply dropout to the sums of the embeddings and the positional encodings").
 
     `tokens` may be shared with another Embeddings (source and target) and with the output projection.
+    Imported BERT-family models add token-type embeddings (`type_vocab_size`) and a LayerNorm on the sum
+    (`embedding_norm`); both are off by default.
     """
 
     def __init__(self, cfg: TransformerConfig, tokens: nn.Embedding) -> None:
@@ -116,11 +118,24 @@ class Embeddings(nn.Module):
         else:
             layout = "concat" if cfg.positional == "sinusoidal_concat" else "interleaved"
             self.positions = SinusoidalPositionalEncoding(cfg.max_len, cfg.d_model, layout)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        if self.token_types is not None:
+            nn.init.normal_(self.token_types.weight, mean=0.0, std=cfg.d_model**-0.5)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids (B, T); positions (T,) or (B, T), each < max_len."""
-        return self.dropout(self.tokens(ids) * self.scale + self.positions(positions))
+    def forward(self, ids: Tensor, positions: Tensor, token_types: Tensor | None = None) -> Tensor:
+        """ids (B, T); positions (T,) or (B, T), each < max_len; token_types (B, T) or None (all type 0),
+        only for a model with token-type embeddings."""
+        x = self.tokens(ids) * self.scale + self.positions(positions)
+        if self.token_types is not None:
+            # BERT adds type 0 to every token of a single-segment input: its row is part of the embedding.
+            x = x + (self.token_types.weight[0] if token_types is None else self.token_types(token_types))
+        elif token_types is not None:
+            raise ValueError("token_types given, but this model has no token-type embeddings")
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
 
 
 class _Sublayer(nn.Module):

@@ -3,6 +3,7 @@
 - `Transformer`: the encoder-decoder of the paper (§3, Figure 1), for sequence-to-sequence tasks.
 - `TransformerClassifier`: the encoder alone, with a [CLS] token and a classification head (BERT's recipe).
 - `TransformerLM`: the decoder alone, without cross-attention (a GPT-style language model).
+- `TransformerEncoder`: the encoder alone, returning hidden states (BERT-family encoders, vaswani.hub).
 
 Padding comes from `cfg.pad_id`: inputs are right-padded (real tokens first). Source and classifier inputs
 are masked as keys; decoder inputs need no padding mask because causal masking already hides every later
@@ -35,8 +36,9 @@ def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
         raise ValueError(
             f"{what} must be a (batch, length) integer tensor, got {tuple(ids.shape)} {ids.dtype}"
         )
-    # Reading values back is a host sync and a graph break under torch.compile: check in eager mode only.
-    if torch.compiler.is_compiling() or not ids.numel():
+    # Reading values back is a host sync and a graph break under torch.compile, and a constant baked into
+    # a traced (ONNX) graph: check in eager mode only.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not ids.numel():
         return
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
@@ -83,6 +85,17 @@ class Transformer(nn.Module):
             self.output_projection.weight = tgt_tokens.weight
         else:
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.d_model**-0.5)
+        # Marian's fixed logit offsets: a buffer, saved and averaged with the weights but never trained.
+        self.final_logits_bias: Tensor | None
+        if cfg.final_logits_bias:
+            self.register_buffer("final_logits_bias", torch.zeros(1, cfg.target_vocab_size))
+        else:
+            self.final_logits_bias = None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Decoder output (..., d_model) -> logits (..., V): the pre-softmax projection (§3.4)."""
+        logits = self.output_projection(hidden)
+        return logits if self.final_logits_bias is None else logits + self.final_logits_bias
 
     def encode(self, src: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
         """src (B, S) -> encoder output (B, S, d_model), its key mask (B, 1, 1, S), encoder attention."""
@@ -116,7 +129,7 @@ class Transformer(nn.Module):
             cache=cache,
             need_weights=need_weights,
         )
-        return self.output_projection(hidden), self_weights, cross_weights
+        return self.logits(hidden), self_weights, cross_weights
 
     def forward(self, src: Tensor, tgt_in: Tensor, return_attention: bool = False):
         """src (B, S), tgt_in (B, T) (BOS + target, shifted right) -> logits (B, T, V).
@@ -255,6 +268,62 @@ class TransformerClassifier(nn.Module):
         if return_attention:
             return logits, {"encoder": weights}
         return logits
+
+
+class TransformerEncoder(nn.Module):
+    """The encoder stack alone (§3.1), returning its last hidden states: what a BERT-family encoder is.
+
+    No [CLS] is added: `ids` are fed as they are (a BERT tokenizer's "[CLS] ... [SEP]"). Its state dict is
+    a `TransformerClassifier`'s without the head, so its weights can start a classifier's fine-tuning.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg, make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id))
+        self.encoder = Encoder(cfg, cfg.n_encoder_layers)
+
+    def encode(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Tensor:
+        """ids (B, S) -> last hidden states (B, S, d_model).
+
+        `attention_mask` (B, S) is Hugging Face's: 1 (or True) = a real token, 0 = padding; None masks the
+        `pad_id` tokens. `token_type_ids` (B, S): segment ids, None = all 0.
+        """
+        return self._run(ids, attention_mask, token_type_ids, need_weights)[0]
+
+    def _run(self, ids, attention_mask, token_type_ids, need_weights):
+        cfg = self.config
+        _check_ids(ids, cfg.vocab_size, "ids")
+        _check_length(ids.size(1), cfg, "input")
+        if attention_mask is None:
+            mask = padding_mask(ids, cfg.pad_id)
+        else:
+            if attention_mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, ids {tuple(ids.shape)}"
+                )
+            mask = (attention_mask != 0)[:, None, None, :]  # the boundary: HF 1/0 -> True = may attend
+        positions = torch.arange(ids.size(1), device=ids.device)
+        return self.encoder(self.embed(ids, positions, token_type_ids), mask, need_weights)
+
+    def forward(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        return_attention: bool = False,
+    ):
+        """`encode`; with `return_attention`, also {"encoder": [(B, n_heads, S, S) per layer]}."""
+        hidden, weights = self._run(ids, attention_mask, token_type_ids, return_attention)
+        if return_attention:
+            return hidden, {"encoder": weights}
+        return hidden
 
 
 class TransformerLM(nn.Module):

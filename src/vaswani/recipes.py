@@ -6,6 +6,11 @@ The one configuration system of the library: dataclasses, filled from a TOML fil
 `TransformerConfig` (plus `preset`); the vocabulary size and special-token ids come from the tokenizer. For
 `task = "image_classification"` it holds the fields of `VisionConfig` instead; the image size, channels
 and number of classes come from the dataset.
+
+Fine-tuning: `[model] init_from` names pretrained weights ("hf:DIR" for a Hugging Face checkpoint, "hf:pkg:
+MODULE/DIR" for one inside an installed package, or a vaswani run directory). The architecture is then the
+checkpoint's: the model section may only change the dropout rates, the attention implementation and the
+classifier's pooling (`INIT_FROM_FIELDS`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-TASKS = ("translation", "classification", "lm", "image_classification")
+# "encoder": an imported BERT-family encoder (vaswani import-hf); used, not trained.
+TASKS = ("translation", "classification", "lm", "encoder", "image_classification")
 TOKENIZERS = ("bpe", "wordpiece", "chars")
 SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -38,6 +44,8 @@ VISION_PRESETS = ("base", "large", "huge")  # the ViT paper's Table 1
 # Set from the tokenizer and the data, never by hand.
 DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
 DERIVED_VISION_FIELDS = ("image_size", "channels", "n_classes")
+# What a recipe may still set when the architecture comes from `init_from`.
+INIT_FROM_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "attention_impl", "pooling")
 
 
 class RecipeError(ValueError):
@@ -120,6 +128,10 @@ class TrainSection:
     average_last: int = 5  # average the last N checkpoints at the end (§6.1); 0 or 1 = off
     eval_bleu_sentences: int | None = None  # translation: validation sentences decoded for BLEU (None = all)
     progress: bool = True
+    # Fine-tuning from [model] init_from: keep the token (and position, token-type) embeddings fixed, and
+    # the first N encoder layers (and N decoder layers).
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0
 
 
 @dataclass
@@ -128,6 +140,7 @@ class DecodeSection:
 
     beam_size: int = 4  # §6.1
     length_penalty: float = 0.6  # §6.1
+    length_penalty_kind: str = "gnmt"  # gnmt ((5 + |Y|) / 6)^alpha, §6.1 | power |Y|^alpha (Hugging Face)
     max_new_tokens: int | None = None  # translation: None = source length + 50 (§6.1)
     temperature: float = 1.0
     top_k: int | None = None
@@ -159,9 +172,15 @@ class Recipe:
         except ValueError as error:
             raise RecipeError(f"[model] {error}") from None
 
+    @property
+    def init_from(self) -> str | None:
+        return self.model.get("init_from")
+
     def model_config(self, **derived: Any) -> TransformerConfig:
         """The TransformerConfig of this recipe, with the derived fields (vocabulary, ids) filled in."""
         values = dict(self.model)
+        if "init_from" in values:
+            raise RecipeError("[model] init_from: the architecture comes from the pretrained checkpoint")
         preset = values.pop("preset", None)
         values.update(derived)
         try:
@@ -217,7 +236,18 @@ def _check_model_section(values: dict[str, Any], task: str) -> dict[str, Any]:
     else:
         config, presets, derived = TransformerConfig, PRESETS, DERIVED_MODEL_FIELDS
     allowed = {f.name for f in dataclasses.fields(config)} - set(derived)
+    if "init_from" in values:
+        if not isinstance(values["init_from"], str) or not values["init_from"].strip():
+            raise RecipeError("[model] init_from: expected a path, 'hf:DIR' or 'hf:pkg:MODULE/DIR'")
+        for key in values:
+            if key != "init_from" and key not in INIT_FROM_FIELDS:
+                raise RecipeError(
+                    f"[model] {key}: fixed by init_from (the pretrained architecture); "
+                    f"only {', '.join(INIT_FROM_FIELDS)} may be set"
+                )
     for key, value in values.items():
+        if key == "init_from":
+            continue
         if key == "preset":
             if value not in presets:
                 raise RecipeError(f"[model] preset = {value!r}: a {task} model takes one of {presets}")
@@ -271,6 +301,14 @@ def _validate(recipe: Recipe) -> None:
         f"[train] average_last = {t.average_last}",
         f"needs keep_checkpoints >= {t.average_last}",
     )
+    need(
+        dec.length_penalty_kind in ("gnmt", "power"),
+        f"[decode] length_penalty_kind = {dec.length_penalty_kind!r}",
+        "must be gnmt or power",
+    )
+    need(t.freeze_layers >= 0, f"[train] freeze_layers = {t.freeze_layers}", "must be >= 0")
+    if (t.freeze_embeddings or t.freeze_layers) and recipe.init_from is None:
+        raise RecipeError("[train] freeze_embeddings / freeze_layers: only with [model] init_from")
     if d.task == "image_classification":
         need(
             d.dataset in IMAGE_DATASETS,
@@ -282,7 +320,16 @@ def _validate(recipe: Recipe) -> None:
             image_size=spec.image_size, channels=spec.channels, n_classes=len(spec.label_names)
         )
         return
-    recipe.model_config(vocab_size=max(d.vocab_size, 8), n_classes=2 if d.task == "classification" else None)
+    if recipe.init_from is None:
+        recipe.model_config(
+            vocab_size=max(d.vocab_size, 8), n_classes=2 if d.task == "classification" else None
+        )
+    else:
+        overrides = {k: v for k, v in recipe.model.items() if k != "init_from"}
+        try:  # the overrides' values, checked on a stand-in config
+            TransformerConfig(vocab_size=8, n_classes=2, **overrides)
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"[model] {error}") from None
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:

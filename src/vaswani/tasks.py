@@ -5,12 +5,17 @@ Three tasks share the training loop (vaswani.training.trainer):
 - `ClassificationTask`: labelled text -> word pieces -> `TransformerClassifier`, accuracy and macro-F1.
 - `LanguageModelTask`: a text stream -> characters (or BPE) -> `TransformerLM`, bits per character.
 - `ImageClassificationTask` (vaswani.vision_task): images -> `VisionTransformer`, accuracy and macro-F1.
+- `EncoderTask`: an imported BERT-family encoder (`vaswani import-hf`): embeddings and attention, no training.
 
 A task reads its data lazily, so a trained run can be loaded for inference without the training data.
+Special ids (padding, BOS, EOS, [CLS], what ends an encoder input) come from the run's tokenizer, which may
+be a pretrained model's (`vaswani.hub`). With `[model] init_from`, the tokenizer and the architecture are the
+pretrained model's; the architecture is then written to RUN_DIR/model.json, which fixes it for the run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -32,14 +37,15 @@ from vaswani.data.datasets import (
     load_translation,
 )
 from vaswani.evaluation import classification_report, corpus_bleu, corpus_chrf
-from vaswani.models import Transformer, TransformerClassifier, TransformerLM
-from vaswani.recipes import Recipe
-from vaswani.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from vaswani.models import Transformer, TransformerClassifier, TransformerEncoder, TransformerLM
+from vaswani.recipes import Recipe, RecipeError
+from vaswani.tokenization import Tokenizer, load_tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
 from vaswani.vision_task import ImageClassificationTask
 
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
+MODEL_CONFIG_FILE = "model.json"
 
 
 class _Task:
@@ -54,10 +60,15 @@ class _Task:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        """The run's tokenizer: loaded from the run directory, or trained on the training data and saved."""
+        """The run's tokenizer: loaded from the run directory, else the pretrained model's (init_from), else
+        trained on the training data; saved into the run directory."""
         path = self.run_dir / TOKENIZER_FILE
         if path.is_file():
-            return Tokenizer.load(path)
+            return load_tokenizer(path)
+        if self.recipe.init_from is not None:
+            tokenizer = self.pretrained.tokenizer
+            tokenizer.save(path)
+            return tokenizer
         d = self.recipe.data
         texts = self._training_texts()
         if d.tokenizer == "chars":
@@ -71,9 +82,89 @@ class _Task:
         return tokenizer
 
     def model_config(self) -> TransformerConfig:
-        return self.recipe.model_config(
-            vocab_size=self.tokenizer.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID
+        """The run's architecture: RUN_DIR/model.json when there is one (imported or fine-tuned models),
+        else the pretrained model's adapted to the task (init_from, then written to model.json), else the
+        recipe's with the tokenizer's vocabulary and ids."""
+        path = self.run_dir / MODEL_CONFIG_FILE
+        if path.is_file():
+            try:
+                return TransformerConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}: {error}") from None
+        if self.recipe.init_from is not None:
+            overrides = {k: v for k, v in self.recipe.model.items() if k != "init_from"}
+            cfg = self._adapt_config(self.pretrained.model.config).replace(**overrides)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+            return cfg
+        tok = self.tokenizer
+        return self._recipe_config(
+            vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id
         )
+
+    def _recipe_config(self, **derived) -> TransformerConfig:
+        return self.recipe.model_config(**derived)
+
+    # ------------------------------------------------------------------ pretrained weights (init_from)
+    #: what the pretrained model must be for this task: model classes accepted as a starting point
+    init_sources: tuple[type, ...] = ()
+
+    @cached_property
+    def pretrained(self):
+        """The model and tokenizer named by [model] init_from, loaded on the CPU."""
+        from vaswani.hub import read_hf
+
+        spec = self.recipe.init_from
+        if spec.startswith("hf:"):
+            pretrained = read_hf(spec[3:])
+            model, tokenizer = pretrained.model, pretrained.tokenizer
+        else:
+            from vaswani.runs import load_run  # runs imports tasks
+
+            run = load_run(spec, device="cpu")
+            model, tokenizer = run.model, run.task.tokenizer
+        if not isinstance(model, self.init_sources):
+            raise RecipeError(
+                f"[model] init_from = {spec!r} is a {type(model).__name__}; a {self.recipe.data.task} "
+                f"run starts from {' or '.join(c.__name__ for c in self.init_sources)}"
+            )
+        return _Source(model, tokenizer)
+
+    def _adapt_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        return cfg
+
+    def initialize(self, model: nn.Module) -> list[str]:
+        """Copy the init_from weights into a freshly built `model` (a no-op without init_from).
+
+        Every tensor of the pretrained model must find its place; the model's tensors that stay new are
+        returned (a classifier's head), so that nothing is left out unsaid.
+        """
+        if self.recipe.init_from is None:
+            return []
+        source = self.pretrained.model.state_dict()
+        target = model.state_dict()
+        fresh = self._fresh_tensors(source, target)
+        unexpected = sorted(set(source) - set(target) - set(fresh))
+        missing = sorted(set(target) - set(source) - set(fresh))
+        if unexpected or missing:
+            raise ValueError(
+                f"init_from weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            for key, tensor in target.items():
+                if key in fresh:
+                    continue
+                if source[key].shape != tensor.shape:
+                    raise ValueError(
+                        f"init_from: {key} has shape {tuple(source[key].shape)}, "
+                        f"the model {tuple(tensor.shape)}"
+                    )
+                tensor.copy_(source[key])
+        return sorted(fresh)
+
+    def _fresh_tensors(self, source: dict, target: dict) -> set[str]:
+        """Tensors the task trains from scratch even with init_from."""
+        return set()
 
     # ------------------------------------------------------------------ data
     def _split_name(self, split: str) -> str:
@@ -101,6 +192,11 @@ class _Task:
         )
 
 
+class _Source:
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+
 def _limit(items: list, n: int | None) -> list:
     return items if n is None else items[:n]
 
@@ -109,6 +205,7 @@ class TranslationTask(_Task):
     """Sequence-to-sequence translation with the encoder-decoder (the paper's task, §6.1)."""
 
     best_metric = ("valid_bleu", True)
+    init_sources = (Transformer,)
 
     # ------------------------------------------------------------------ data
     def corpus(self, split: str) -> ParallelCorpus:
@@ -140,19 +237,24 @@ class TranslationTask(_Task):
         # One joint vocabulary for both languages (§5.1: "a shared source-target vocabulary").
         return self.train_corpus.src + self.train_corpus.tgt
 
+    def encode_sources(self, texts: list[str]) -> list[list[int]]:
+        """Source ids as the encoder reads them: the tokens, then the tokenizer's suffix (Marian's </s>)."""
+        suffix = list(self.tokenizer.suffix_ids)
+        return [ids + suffix if ids else [] for ids in self.tokenizer.encode_batch(list(texts))]
+
     @cached_property
     def train_ids(self) -> tuple[list[list[int]], list[list[int]]]:
         """Encoded training pairs; pairs longer than data.max_len on either side are left out."""
-        src = self.tokenizer.encode_batch(self.train_corpus.src)
-        tgt = self.tokenizer.encode_batch(self.train_corpus.tgt)
+        src = self.encode_sources(self.train_corpus.src)
+        tgt = self.tokenizer.encode_batch(self.train_corpus.tgt, target=True)
         limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
         keep = [i for i in range(len(src)) if 0 < len(src[i]) <= limit and 0 < len(tgt[i]) <= limit]
         return [src[i] for i in keep], [tgt[i] for i in keep]
 
     @cached_property
     def valid_ids(self) -> tuple[list[list[int]], list[list[int]]]:
-        return self.tokenizer.encode_batch(self.valid_corpus.src), self.tokenizer.encode_batch(
-            self.valid_corpus.tgt
+        return self.encode_sources(self.valid_corpus.src), self.tokenizer.encode_batch(
+            self.valid_corpus.tgt, target=True
         )
 
     # ------------------------------------------------------------------ training
@@ -167,20 +269,19 @@ class TranslationTask(_Task):
         src, tgt = self.train_ids
         return self._batch([src[i] for i in indices], [tgt[i] for i in indices], device)
 
-    @staticmethod
-    def _batch(src: list[list[int]], tgt: list[list[int]], device: torch.device):
-        batch = make_translation_batch(src, tgt, BOS_ID, EOS_ID, PAD_ID)
-        return batch.to(device)
+    def _batch(self, src: list[list[int]], tgt: list[list[int]], device: torch.device):
+        tok = self.tokenizer
+        return make_translation_batch(src, tgt, tok.bos_id, tok.eos_id, tok.pad_id).to(device)
 
     def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
         logits = model(batch.src, batch.tgt_in)
-        return label_smoothed_cross_entropy(logits, batch.tgt_out, label_smoothing, PAD_ID)
+        return label_smoothed_cross_entropy(logits, batch.tgt_out, label_smoothing, self.tokenizer.pad_id)
 
     def batch_tokens(self, batch) -> int:
         return int(batch.n_src_tokens) + int(batch.n_tgt_tokens)
 
     def loss_denominator(self, batch) -> int:
-        return int((batch.tgt_out != PAD_ID).sum())
+        return int((batch.tgt_out != self.tokenizer.pad_id).sum())
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Validation NLL per target token, perplexity, and BLEU of greedy decoding (beam search is used by
@@ -218,7 +319,8 @@ class TranslationTask(_Task):
         beam = dec.beam_size if beam_size is None else beam_size
         alpha = dec.length_penalty if length_penalty is None else length_penalty
         limit = dec.max_new_tokens if max_new_tokens is None else max_new_tokens
-        encoded = self.tokenizer.encode_batch(list(texts))
+        pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
+        encoded = self.encode_sources(list(texts))
         max_len = model.config.max_len
         for i, ids in enumerate(encoded):
             if not ids:
@@ -230,10 +332,16 @@ class TranslationTask(_Task):
         model.eval()
         for start in range(0, len(order), dec.batch_sentences):
             chunk = order[start : start + dec.batch_sentences]
-            src = pad_batch([encoded[i] for i in chunk], PAD_ID).to(device)
-            generated = model.generate(src, max_new_tokens=limit, beam_size=beam, length_penalty=alpha)
+            src = pad_batch([encoded[i] for i in chunk], pad).to(device)
+            generated = model.generate(
+                src,
+                max_new_tokens=limit,
+                beam_size=beam,
+                length_penalty=alpha,
+                length_penalty_kind=dec.length_penalty_kind,
+            )
             for i, row in zip(chunk, generated.tolist(), strict=True):
-                tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
+                tokens = row[: row.index(eos)] if eos in row else row
                 outputs[i] = self.tokenizer.decode(tokens)
         return outputs
 
@@ -248,6 +356,7 @@ class ClassificationTask(_Task):
 
     best_metric = ("valid_accuracy", True)
     _epoch = 0  # the epoch whose batches make_batch is serving (seeds word dropout)
+    init_sources = (TransformerEncoder, TransformerClassifier)
 
     def data(self, split: str) -> LabeledTexts:
         d = self.recipe.data
@@ -285,21 +394,28 @@ class ClassificationTask(_Task):
     def _training_texts(self) -> list[str]:
         return self.train_data.texts
 
-    def model_config(self) -> TransformerConfig:
+    def _recipe_config(self, **derived) -> TransformerConfig:
         return self.recipe.model_config(
-            vocab_size=self.tokenizer.vocab_size,
-            pad_id=PAD_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            cls_id=CLS_ID,
-            n_classes=len(self.label_names),
+            **derived, cls_id=self.tokenizer.cls_id, n_classes=len(self.label_names)
         )
 
+    def _adapt_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        # A BERT encoder's [CLS] is the tokenizer's; the head is sized for this data set's labels.
+        return cfg.replace(n_classes=len(self.label_names), cls_id=cfg.classifier_cls_id)
+
+    def _fresh_tensors(self, source: dict, target: dict) -> set[str]:
+        head = {k for k in target if k.startswith("head.")}
+        if all(k in source and source[k].shape == target[k].shape for k in head):
+            return set()  # a classifier run with as many classes: its head is a starting point too
+        return head | {k for k in source if k.startswith("head.")}
+
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids, truncated so that [CLS] + ids fits max_len (long articles keep their beginning)."""
-        limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
+        """Token ids (then the tokenizer's suffix, BERT's [SEP]), truncated so that [CLS] + ids fits max_len
+        (long articles keep their beginning)."""
+        suffix = list(self.tokenizer.suffix_ids)
+        limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1 - len(suffix)
         encoded = [ids[:limit] for ids in self.tokenizer.encode_batch(list(texts))]
-        return [ids if ids else [UNK_ID] for ids in encoded]
+        return [(ids if ids else [self.tokenizer.unk_id]) + suffix for ids in encoded]
 
     @cached_property
     def train_ids(self) -> list[list[int]]:
@@ -321,14 +437,14 @@ class ClassificationTask(_Task):
         ids = [self.train_ids[i] for i in indices]
         if self.recipe.data.word_dropout > 0:
             ids = self._drop_words(ids, indices)
-        return make_classification_batch(ids, labels, PAD_ID).to(device)
+        return make_classification_batch(ids, labels, self.tokenizer.pad_id).to(device)
 
     def _drop_words(self, ids: list[list[int]], indices: list[int]) -> list[list[int]]:
         """Word dropout: tokens replaced by [UNK] at random. The draw depends only on (seed, epoch, batch),
         so a resumed run sees the same corrupted batches as an uninterrupted one."""
         key = (self.recipe.train.seed * 1_000_003 + self._epoch) * 1_000_033 + indices[0]
         generator = torch.Generator().manual_seed(key)
-        p, unk = self.recipe.data.word_dropout, UNK_ID
+        p, unk = self.recipe.data.word_dropout, self.tokenizer.unk_id
         dropped = []
         for row in ids:
             keep = torch.rand(len(row), generator=generator) >= p
@@ -342,7 +458,7 @@ class ClassificationTask(_Task):
         return LossOutput(loss, nll.detach(), torch.tensor(batch.labels.numel()))
 
     def batch_tokens(self, batch) -> int:
-        return int((batch.ids != PAD_ID).sum())
+        return int((batch.ids != self.tokenizer.pad_id).sum())
 
     def loss_denominator(self, batch) -> int:
         return int(batch.labels.numel())
@@ -356,7 +472,7 @@ class ClassificationTask(_Task):
         model.eval()
         with torch.no_grad():
             for indices in order:
-                batch = pad_batch([ids[i] for i in indices], PAD_ID).to(device)
+                batch = pad_batch([ids[i] for i in indices], self.tokenizer.pad_id).to(device)
                 probs[indices] = torch.softmax(model(batch).float(), dim=-1).cpu()
         return probs
 
@@ -376,6 +492,7 @@ class LanguageModelTask(_Task):
     """Language modelling with the decoder-only model on a character (or subword) stream."""
 
     best_metric = ("valid_nll", False)
+    init_sources = (TransformerLM,)
 
     def text(self, split: str) -> str:
         d = self.recipe.data
@@ -432,13 +549,13 @@ class LanguageModelTask(_Task):
 
     def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
         x, y = batch
-        return label_smoothed_cross_entropy(model(x), y, label_smoothing, PAD_ID)
+        return label_smoothed_cross_entropy(model(x), y, label_smoothing, self.tokenizer.pad_id)
 
     def batch_tokens(self, batch) -> int:
         return batch[0].numel()
 
     def loss_denominator(self, batch) -> int:
-        return int((batch[1] != PAD_ID).sum())
+        return int((batch[1] != self.tokenizer.pad_id).sum())
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """NLL per token over the whole validation text in non-overlapping windows; bits per character."""
@@ -493,8 +610,44 @@ class LanguageModelTask(_Task):
             top_p=settings["top_p"],
             generator=settings.get("generator"),
         )
-        tokens = out[0].tolist()
-        return self.tokenizer.decode(tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens)
+        tokens, eos = out[0].tolist(), self.tokenizer.eos_id
+        return self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+
+
+class EncoderTask(_Task):
+    """An imported BERT-family encoder (`vaswani import-hf`): text in, hidden states out. Nothing to train
+    here: fine-tune a classifier from it with a classification recipe and `[model] init_from = RUN_DIR`."""
+
+    init_sources = (TransformerEncoder,)
+
+    def _training_texts(self) -> list[str]:
+        raise RecipeError("[data] task = 'encoder' runs are imported (vaswani import-hf), not trained")
+
+    def build_model(self) -> TransformerEncoder:
+        return TransformerEncoder(self.model_config())
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """[CLS] + ids + [SEP], truncated to max_len."""
+        tok, cfg = self.tokenizer, self.model_config()
+        suffix = list(tok.suffix_ids)
+        limit = cfg.max_len - 1 - len(suffix)
+        return [[cfg.classifier_cls_id, *ids[:limit], *suffix] for ids in tok.encode_batch(list(texts))]
+
+    def embed(self, model: TransformerEncoder, texts: list[str], device: torch.device) -> torch.Tensor:
+        """(N, d_model) sentence embeddings: the mean of each text's token states ([CLS] and [SEP]
+        included), L2-normalised, as sentence-transformers pools all-MiniLM-L6-v2."""
+        ids = self.encode(texts)
+        model.eval()
+        out = torch.empty(len(ids), model.config.d_model)
+        with torch.no_grad():
+            for start in range(0, len(ids), 64):
+                chunk = ids[start : start + 64]
+                batch = pad_batch(chunk, self.tokenizer.pad_id).to(device)
+                real = (batch != self.tokenizer.pad_id).unsqueeze(-1).float()
+                hidden = model.encode(batch, attention_mask=real[..., 0].long())
+                pooled = (hidden * real).sum(1) / real.sum(1).clamp(min=1.0)
+                out[start : start + len(chunk)] = F.normalize(pooled, dim=-1).cpu()
+        return out
 
 
 TASK_CLASSES = {
@@ -502,6 +655,7 @@ TASK_CLASSES = {
     "classification": ClassificationTask,
     "lm": LanguageModelTask,
     "image_classification": ImageClassificationTask,
+    "encoder": EncoderTask,
 }
 
 

@@ -11,6 +11,10 @@ Every tokenizer holds the same special tokens at the same ids (`SPECIAL_TOKENS`)
 `TransformerConfig` (pad_id=0, bos_id=1, eos_id=2; set cls_id=CLS_ID for the classifier). `encode` never adds
 them: where BOS, EOS and [CLS] go is the business of batching and of the models. A special token written in
 the text itself (a literal "<s>") is encoded as ordinary text, never as the control token.
+
+The tasks and the command line read the special ids from the tokenizer (`pad_id`, `bos_id`, `eos_id`,
+`unk_id`, `cls_id`, `suffix_ids`), never from the constants, so that a pretrained model's tokenizer
+(`vaswani.hub.tokenizers`, other ids) works the same way; `load_tokenizer` reads either kind of file.
 """
 
 from __future__ import annotations
@@ -148,11 +152,12 @@ class Tokenizer:
         return cls(backend, "chars")
 
     # ------------------------------------------------------------------ encoding and decoding
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without special tokens; "" gives []."""
+    def encode(self, text: str, target: bool = False) -> list[int]:
+        """Token ids of `text`, without special tokens; "" gives []. `target` (a translation target) makes no
+        difference here: the vocabulary is joint (§5.1)."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str], target: bool = False) -> list[list[int]]:
         """`encode` for many texts at once, in parallel threads inside the library.
 
         As with any `tokenizers` parallelism, a process forked afterwards (DataLoader workers) encodes on one
@@ -179,6 +184,12 @@ class Tokenizer:
     @staticmethod
     def _keep(ids: Sequence[int]) -> list[int]:
         return [i for i in map(int, ids) if i not in _DROPPED_IDS]
+
+    # ------------------------------------------------------------------ special ids
+    pad_id, bos_id, eos_id, unk_id, cls_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, CLS_ID
+    # What ends every encoder input (a source sentence, a classifier's text): nothing here; a pretrained
+    # tokenizer appends its own (Marian's </s>, BERT's [SEP]).
+    suffix_ids: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -230,44 +241,69 @@ class Tokenizer:
         """Read a file written by `save`. Raises ValueError, naming the file, if it is missing, unreadable,
         not JSON, or not a vaswani tokenizer (corrupt or tampered)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"tokenizer file {path} does not exist") from None
-        except UnicodeDecodeError:
-            raise ValueError(
-                f"tokenizer file {path} is not UTF-8 text (corrupt or not a tokenizer)"
-            ) from None
-        except OSError as error:
-            raise ValueError(f"tokenizer file {path} cannot be read: {error.strerror or error}") from None
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"tokenizer file {path} is not valid JSON (truncated or corrupt?): {error}"
-            ) from None
-
-        def bad(why: str) -> ValueError:
-            return ValueError(f"tokenizer file {path} is corrupt or tampered: {why}")
-
-        if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
-            raise bad(f"not a {FILE_FORMAT} file")
-        if document.get("version") != FILE_VERSION:
-            raise bad(f"format version {document.get('version')!r}, this library reads {FILE_VERSION}")
+        document = read_tokenizer_document(path)
         kind, spec = document.get("kind"), document.get("tokenizer")
         if kind not in KINDS:
-            raise bad(f"kind {kind!r} is not one of {KINDS}")
+            raise _tampered(path, f"kind {kind!r} is not one of {KINDS}")
         model_type = spec.get("model", {}).get("type") if isinstance(spec, dict) else None
         if model_type != _MODEL_TYPES[kind]:
-            raise bad(f"a {kind!r} tokenizer needs a {_MODEL_TYPES[kind]} model, found {model_type!r}")
+            raise _tampered(
+                path, f"a {kind!r} tokenizer needs a {_MODEL_TYPES[kind]} model, found {model_type!r}"
+            )
         try:
             backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
         except Exception as error:  # the library raises plain Exception for a malformed specification
-            raise bad(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+            raise _tampered(
+                path, str(error).splitlines()[0] if str(error) else type(error).__name__
+            ) from None
         try:
             return cls(backend, kind)
         except ValueError as error:
-            raise bad(str(error)) from None
+            raise _tampered(path, str(error)) from None
+
+
+def _tampered(path: Path, why: str) -> ValueError:
+    return ValueError(f"tokenizer file {path} is corrupt or tampered: {why}")
+
+
+def read_tokenizer_document(path: Path) -> dict:
+    """The JSON document of a tokenizer file, checked for format and version (either kind of tokenizer)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"tokenizer file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"tokenizer file {path} is not UTF-8 text (corrupt or not a tokenizer)") from None
+    except OSError as error:
+        raise ValueError(f"tokenizer file {path} cannot be read: {error.strerror or error}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"tokenizer file {path} is not valid JSON (truncated or corrupt?): {error}"
+        ) from None
+    if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+        raise _tampered(path, f"not a {FILE_FORMAT} file")
+    if document.get("version") != FILE_VERSION:
+        raise _tampered(
+            path, f"format version {document.get('version')!r}, this library reads {FILE_VERSION}"
+        )
+    return document
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """Load a run's tokenizer file: a vaswani `Tokenizer`, or a pretrained model's tokenizer (kind
+    "pretrained", written by `vaswani import-hf` or `init_from`)."""
+    path = Path(path)
+    document = read_tokenizer_document(path)
+    if document.get("kind") == "pretrained":
+        from vaswani.hub.tokenizers import tokenizer_from_document  # only runs with imported models need it
+
+        try:
+            return tokenizer_from_document(document)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _tampered(path, f"pretrained tokenizer: {error}") from None
+    return Tokenizer.load(path)
 
 
 def _check_vocab_size(vocab_size: int) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vaswani.models import _evaluating
-from vaswani.tasks import ClassificationTask, LanguageModelTask, TranslationTask
+from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask
 
 # Matplotlib's colour map for attention weights: the PNGs draw with it and the HTML page reads the same
 # colours from it.
@@ -162,6 +162,9 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
         return torch.tensor([ids], dtype=torch.long, device=device)
 
     ids = _encode(tokenizer, text, "text")
+    if not isinstance(task, LanguageModelTask):
+        # What ends every encoder input (Marian's </s>, BERT's [SEP]; nothing for vaswani's tokenizers).
+        ids = [*ids, *tokenizer.suffix_ids]
     if target is not None and not isinstance(task, TranslationTask):
         raise ValueError(f"a target is for translation runs; this is a {run.recipe.data.task} run")
     with torch.no_grad(), _evaluating(model):
@@ -199,6 +202,17 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
                 prediction=f"{task.label_names[best]} ({float(probs[best]):.3f})",
                 source_ids=ids,
             )
-        _check_fits(len(ids), cfg.max_len, "text")  # a language model
-        _, weights = model(tensor(ids), return_attention=True)
-        return AttentionMaps("lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids)
+        if isinstance(task, EncoderTask):  # an imported encoder: its own [CLS] and [SEP] are in the input
+            ids = [cfg.classifier_cls_id, *ids]
+            _check_fits(len(ids), cfg.max_len, "text with [CLS] and [SEP]")
+            _, weights = model(tensor(ids), return_attention=True)
+            return AttentionMaps(
+                "classification", tokens(ids), [], _numpy(weights), text=text, source_ids=ids
+            )
+        if isinstance(task, LanguageModelTask):
+            _check_fits(len(ids), cfg.max_len, "text")
+            _, weights = model(tensor(ids), return_attention=True)
+            return AttentionMaps("lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids)
+    raise ValueError(
+        f"attention maps need a translation, classification or lm run, not {type(task).__name__}"
+    )

@@ -68,6 +68,33 @@ class Task(Protocol):
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
+    def initialize(self, model: nn.Module) -> list[str]:
+        """Load the recipe's init_from weights into a new model; return the tensors that stay new (called
+        only for recipes with [model] init_from)."""
+        ...
+
+
+def freeze(model: nn.Module, embeddings: bool, layers: int) -> int:
+    """Stop training the embeddings and/or the first `layers` layers of each stack (fine-tuning); returns
+    how many parameters were frozen."""
+    modules: list[nn.Module] = []
+    if embeddings:
+        modules += [m for name, m in model.named_children() if name.endswith("embed")]
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        if layers and stack is not None:
+            if layers > len(stack.layers):
+                raise ValueError(
+                    f"[train] freeze_layers = {layers}: the model has {len(stack.layers)} layers"
+                )
+            modules += list(stack.layers[:layers])
+    frozen = 0
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+    return frozen
+
 
 def resolve_device(name: str) -> torch.device:
     """The one place that picks the device: "auto" is CUDA when available, else CPU."""
@@ -110,10 +137,9 @@ def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     touches only matrices: decaying biases and LayerNorm gains pulls them towards 0, which nothing asks for
     (as nanoGPT does). The learning rate is 1.0 here; the schedule multiplies it."""
     betas = (t.beta1, t.beta2)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (fine-tuning) stay out
     if t.optimizer == "adam":
-        decay = t.weight_decay
-        return torch.optim.Adam(model.parameters(), lr=1.0, betas=betas, eps=t.eps, weight_decay=decay)
-    params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=1.0, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -161,7 +187,17 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
-        model = self.task.build_model().to(self.device)
+        model = self.task.build_model()
+        if recipe.init_from is not None and not self.resume:  # a resumed run has its own weights
+            fresh = self.task.initialize(model)
+            tqdm.write(
+                f"initialised from {recipe.init_from}"
+                + (f"; trained from scratch: {', '.join(fresh)}" if fresh else "")
+            )
+        frozen = freeze(model, t.freeze_embeddings, t.freeze_layers)
+        if frozen:
+            tqdm.write(f"frozen: {frozen:,} parameters")
+        model.to(self.device)
         optimizer = make_optimizer(model, t)
         lr_at = learning_rate_function(recipe, model.config.d_model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i + 1))
