@@ -403,7 +403,7 @@ def test_digits_end_to_end_loss_falls_and_every_command_works(tmp_path, capsys):
         "model.n_encoder_layers=2",
         "model.d_model=32",
         "model.d_ff=64",
-        "model.pooling='cls'",
+        "model.dropout=0.1",
     ]
     args = ["train", str(ROOT / "configs" / "digits_vit.toml"), "--run-dir", str(run)]
     assert main(args + [a for s in settings for a in ("--set", s)]) == 0
