@@ -369,3 +369,9 @@ def test_imported_encoder_embeds(bert_dir, tmp_path, capsys, one_thread):
         expected = torch.nn.functional.normalize(hf(input_ids=ids).last_hidden_state.mean(1), dim=-1)[0]
     torch.testing.assert_close(torch.tensor(lines[0]["embedding"]), expected, atol=1e-5, rtol=0)
     assert len(lines) == 2 and lines[1]["text"] == "a good film"
+    # The encoder's own [CLS] and [SEP] are in the attention maps; there is nothing to classify or train.
+    assert main(["attention", str(run_dir), "the dog runs", "--out", str(tmp_path / "maps")]) == 0
+    assert {p.name for p in (tmp_path / "maps").rglob("*.png")} >= {"cls.png", "encoder_layer2.png"}
+    capsys.readouterr()
+    assert main(["classify", str(run_dir), "the dog"]) == 2
+    assert "is a run of task 'encoder', not a classification run" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_run_of(args: argparse.Namespace, task_class: type | tuple[type, ...], what: str):
     run = load_run(args.run_dir, args.checkpoint, args.device)
     if not isinstance(run.task, task_class):
-        raise ValueError(f"{args.run_dir} is a {run.recipe.data.task} run, not a {what} run")
+        raise ValueError(f"{args.run_dir} is a run of task {run.recipe.data.task!r}, not a {what} run")
     return run
 
 
