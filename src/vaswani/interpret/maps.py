@@ -148,7 +148,7 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
     Raises ValueError, in one line, for an empty or over-long input.
     """
     task, model, device = run.task, run.model, run.device
-    if not isinstance(task, (TranslationTask, ClassificationTask, LanguageModelTask)):
+    if not isinstance(task, (TranslationTask, ClassificationTask, LanguageModelTask, EncoderTask)):
         raise ValueError(
             f"attention_maps reads text; a {run.recipe.data.task} run takes "
             "vaswani.interpret.image_attention_maps"
