@@ -45,8 +45,8 @@ def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
 
 
 @contextmanager
-def _evaluating(module: nn.Module):
-    """Generation never wants dropout: run in eval mode, then restore the caller's mode."""
+def evaluating(module: nn.Module):
+    """Run in eval mode (no dropout: generation, attention maps, benchmarks), then restore the mode."""
     was_training = module.training
     module.eval()
     try:
@@ -179,7 +179,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
             _check_length(max_new_tokens, cfg, "max_new_tokens")
             limits = torch.full_like(src_lengths, max_new_tokens)
-        with _evaluating(self):
+        with evaluating(self):
             memory, memory_mask, _ = self.encode(src)
 
             def make_stepper(beams: int) -> _EncoderDecoderStepper:
@@ -409,7 +409,7 @@ class TransformerLM(nn.Module):
         _check_length(prompt_ids.size(1) + max_new_tokens - 1, cfg, "prompt + max_new_tokens")
         limits = torch.full((prompt_ids.size(0),), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
         padded = not bool(real.all())
-        with _evaluating(self):
+        with evaluating(self):
 
             def make_stepper(beams: int) -> _LMStepper:
                 return _LMStepper(

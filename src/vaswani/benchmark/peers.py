@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from vaswani.config import TransformerConfig
 from vaswani.generation import beam_search, greedy_search, next_token_log_probs
 from vaswani.layers import make_token_embedding, sinusoidal_table
-from vaswani.models import Transformer, _EncoderDecoderStepper
+from vaswani.models import Transformer, _EncoderDecoderStepper, evaluating
 
 IMPLEMENTATIONS = ("vaswani", "torch", "hf")
 LABELS = {"vaswani": "vaswani", "torch": "torch.nn.Transformer", "hf": "HF MarianMTModel"}
@@ -53,16 +53,6 @@ def check_config(cfg: TransformerConfig) -> None:
         raise ValueError("the benchmark compares the paper's post-LN model with biases and scaled embeddings")
     if cfg.positional not in ("sinusoidal", "sinusoidal_concat"):
         raise ValueError("the benchmark's peers use sinusoidal positions")
-
-
-@contextmanager
-def evaluating(module: nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def banned_ids(cfg: TransformerConfig) -> tuple[int, ...]:

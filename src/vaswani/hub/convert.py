@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vaswani.config import TransformerConfig
+from vaswani.hub.tokenizers import read_json_object
 from vaswani.layers import sinusoidal_table
 
 SUPPORTED = "Marian (MarianMTModel) and BERT-family encoders (BertModel, model_type 'bert')"
@@ -54,13 +55,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise HFImportError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HFImportError(f"{path}: cannot be read as JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise HFImportError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path, HFImportError)
 
 
 def read_state_dict(directory: Path) -> dict[str, Tensor]:

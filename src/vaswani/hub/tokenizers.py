@@ -210,13 +210,14 @@ def tokenizer_from_document(document: dict[str, Any]) -> _PretrainedTokenizer:
 
 
 # ---------------------------------------------------------------------------------------- reading HF files
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, error_type: type[ValueError] = HFTokenizerError) -> dict[str, Any]:
+    """A JSON object from one of a checkpoint's files, or `error_type` naming the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HFTokenizerError(f"{path}: cannot be read as JSON: {error}") from None
+        raise error_type(f"{path}: cannot be read as JSON: {error}") from None
     if not isinstance(value, dict):
-        raise HFTokenizerError(f"{path}: expected a JSON object")
+        raise error_type(f"{path}: expected a JSON object")
     return value
 
 
@@ -226,7 +227,7 @@ def _special_names(directory: Path, defaults: dict[str, str]) -> dict[str, str]:
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / file
         if path.is_file():
-            for key, value in _read_json(path).items():
+            for key, value in read_json_object(path).items():
                 if key.endswith("_token") and key[: -len("_token")] in names:
                     # Either "[PAD]" or {"content": "[PAD]", ...} (an AddedToken written out).
                     names[key[: -len("_token")]] = value["content"] if isinstance(value, dict) else value
@@ -255,7 +256,7 @@ def load_bert_tokenizer(directory: Path) -> WordPieceTokenizer:
         from tokenizers.implementations import BertWordPieceTokenizer
 
         config = (
-            _read_json(directory / "tokenizer_config.json")
+            read_json_object(directory / "tokenizer_config.json")
             if (directory / "tokenizer_config.json").is_file()
             else {}
         )
@@ -279,7 +280,7 @@ def load_marian_tokenizer(directory: Path) -> MarianTokenizer:
     if missing:
         raise HFTokenizerError(f"{directory}: the Marian tokenizer needs {', '.join(missing)}")
     config = (
-        _read_json(directory / "tokenizer_config.json")
+        read_json_object(directory / "tokenizer_config.json")
         if (directory / "tokenizer_config.json").is_file()
         else {}
     )
@@ -287,7 +288,7 @@ def load_marian_tokenizer(directory: Path) -> MarianTokenizer:
         raise HFTokenizerError(
             f"{directory}: Marian tokenizers with separate source and target vocabularies are not supported"
         )
-    vocab = _read_json(directory / "vocab.json")
+    vocab = read_json_object(directory / "vocab.json")
     names = _special_names(directory, {"pad": "<pad>", "unk": "<unk>", "eos": "</s>"})
     ids = _ids_of(names, vocab.get, directory / "vocab.json")
     # Marian starts decoding from the pad token (decoder_start_token_id): BOS is pad.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vaswani.interpret.maps import AttentionMaps, _numpy
 from vaswani.interpret.plots import save_figure
-from vaswani.models import _evaluating
+from vaswani.models import evaluating
 from vaswani.vision_task import ImageClassificationTask, model_input
 
 OVERLAY_COLORMAP = "inferno"
@@ -55,7 +55,7 @@ def image_attention_maps(run: Any, image: Tensor, name: str, label: str | None =
             f"image attention needs an image_classification run; this is a {run.recipe.data.task} run"
         )
     cfg = model.config
-    with torch.no_grad(), _evaluating(model):
+    with torch.no_grad(), evaluating(model):
         logits, weights = model(model_input(image[None]).to(run.device), return_attention=True)
     probs = torch.softmax(logits[0].float(), dim=-1)
     best = int(probs.argmax())

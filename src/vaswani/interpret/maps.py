@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaswani.models import _evaluating
+from vaswani.models import evaluating
 from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask
 
 # Matplotlib's colour map for attention weights: the PNGs draw with it and the HTML page reads the same
@@ -167,7 +167,7 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
         ids = [*ids, *tokenizer.suffix_ids]
     if target is not None and not isinstance(task, TranslationTask):
         raise ValueError(f"a target is for translation runs; this is a {run.recipe.data.task} run")
-    with torch.no_grad(), _evaluating(model):
+    with torch.no_grad(), evaluating(model):
         if isinstance(task, TranslationTask):
             _check_fits(len(ids), cfg.max_len, "text")
             if target is None:
