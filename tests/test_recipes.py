@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from vaswani.data.images import IMAGE_DATASETS
 from vaswani.recipes import RecipeError, load_recipe, recipe_from_dict, recipe_to_toml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
@@ -20,6 +21,11 @@ def test_every_shipped_recipe_is_valid_and_round_trips(path, tmp_path):
     copy = tmp_path / "copy.toml"
     copy.write_text(recipe_to_toml(recipe))
     assert load_recipe(copy) == recipe
+    if recipe.data.task == "image_classification":
+        spec = IMAGE_DATASETS[recipe.data.dataset]
+        cfg = recipe.vision_config(image_size=spec.image_size, channels=spec.channels, n_classes=10)
+        assert cfg.n_patches == (spec.image_size // cfg.patch_size) ** 2
+        return
     cfg = recipe.model_config(vocab_size=1000, n_classes=4 if recipe.data.task == "classification" else None)
     assert cfg.vocab_size == 1000
 
