@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest
 
 # The main job: train Multi30k en->de on the CPU (about 10 minutes on 2 cores), score test_2016_flickr
@@ -40,11 +40,11 @@ copy-demo: install
 	$(PY) -m vaswani.copy_task
 
 lint: install
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
 
 format: install
-	$(PY) -m ruff format src tests
-	$(PY) -m ruff check --fix src tests
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

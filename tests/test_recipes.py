@@ -27,8 +27,9 @@ def test_every_shipped_recipe_is_valid_and_round_trips(path, tmp_path):
         return
     if recipe.data.task == "image_classification":
         spec = IMAGE_DATASETS[recipe.data.dataset]
-        vision = recipe.vision_config(image_size=spec.image_size, channels=spec.channels, n_classes=10)
-        assert vision.image_size == spec.image_size and vision.n_classes == 10
+        cfg = recipe.vision_config(image_size=spec.image_size, channels=spec.channels, n_classes=10)
+        assert cfg.image_size == spec.image_size and cfg.n_classes == 10
+        assert cfg.n_patches == (spec.image_size // cfg.patch_size) ** 2
         return
     cfg = recipe.model_config(vocab_size=1000, n_classes=4 if recipe.data.task == "classification" else None)
     assert cfg.vocab_size == 1000

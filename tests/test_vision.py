@@ -369,6 +369,8 @@ def test_image_recipes_load_with_their_datasets_shapes():
         cfg = recipe.vision_config(image_size=spec.image_size, channels=spec.channels, n_classes=10)
         assert (cfg.image_size, cfg.channels, cfg.n_classes) == (size, channels, 10)
     assert load_recipe(ROOT / "configs" / "cifar10_vit.toml").data.augment == "crop_flip"
+    with pytest.raises(RecipeError, match=r"VisionConfig: use vision_config\(\)"):
+        recipe.model_config(vocab_size=100)
 
 
 @pytest.mark.parametrize(

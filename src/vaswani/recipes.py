@@ -178,6 +178,8 @@ class Recipe:
 
     def model_config(self, **derived: Any) -> TransformerConfig:
         """The TransformerConfig of this recipe, with the derived fields (vocabulary, ids) filled in."""
+        if self.data.task == "image_classification":
+            raise RecipeError("[model] an image_classification model is a VisionConfig: use vision_config()")
         values = dict(self.model)
         if "init_from" in values:
             raise RecipeError("[model] init_from: the architecture comes from the pretrained checkpoint")

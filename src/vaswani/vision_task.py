@@ -39,9 +39,16 @@ class ImageBatch:
 
 
 class ImageClassificationTask:
-    """Image classification with the Vision Transformer and a [CLS] token (or mean pooling)."""
+    """Image classification with the Vision Transformer and a [CLS] token (or mean pooling).
 
-    best_metric = ("valid_accuracy", True)
+    The best checkpoint is the one with the lowest validation NLL, not the highest accuracy: on a small
+    validation split (179 digits) accuracy moves in steps of 0.56% and a tie keeps the earliest checkpoint,
+    which in 5-fold cross-validation on the digits' train+valid images was an under-trained one (held-out
+    accuracy 94.3% at step 600, 97.4% at step 2,000, mean of the folds); NLL is continuous and reached its
+    minimum at step 1,400 or later on every fold.
+    """
+
+    best_metric = ("valid_nll", False)
     run_files: tuple[str, ...] = ()  # beyond recipe.toml, a run needs nothing to be loaded again
 
     def __init__(self, recipe: Recipe, run_dir: Path) -> None:
