@@ -16,13 +16,16 @@
     vaswani export RUN_DIR --format onnx [--out DIR]
 
 Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
-and exit with status 2, without a traceback.
+and exit with status 2, without a traceback. `train` stopped by SIGINT or SIGTERM saves a checkpoint, prints
+one line and exits with 130 or 143 (128 + the signal number). Under torchrun, `train` runs data-parallel
+(see the README's "Distributed training").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +48,7 @@ from vaswani.recipes import RecipeError, load_recipe
 from vaswani.runs import average_run, load_run
 from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask, make_task
 from vaswani.training.checkpoint import CheckpointError
+from vaswani.training.faults import TrainingInterrupted
 from vaswani.training.trainer import Trainer
 from vaswani.vision_task import ImageClassificationTask
 
@@ -85,10 +89,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)
     task = make_task(recipe, run_dir)
-    print(
-        f"training {recipe.name} ({recipe.data.task}, {recipe.data.dataset}) into {run_dir}", file=sys.stderr
-    )
-    state = Trainer(recipe, task, run_dir, resume=args.resume).fit()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one rank speaks for the job
+    if main_rank:
+        print(
+            f"training {recipe.name} ({recipe.data.task}, {recipe.data.dataset}) into {run_dir}",
+            file=sys.stderr,
+        )
+    trainer = Trainer(recipe, task, run_dir, resume=args.resume)
+    try:
+        state = trainer.fit()
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    if not main_rank:
+        return 0
     final = (run_dir / "FINAL").read_text().strip() if (run_dir / "FINAL").is_file() else "none"
     print(
         f"done: {state.step} steps, {state.tokens:,} tokens, {state.elapsed / 60:.1f} min. "

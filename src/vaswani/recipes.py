@@ -39,6 +39,7 @@ TOKENIZERS = ("bpe", "wordpiece", "chars")
 SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
+DISTRIBUTED = ("ddp", "fsdp")
 PRESETS = ("base", "big", "small", "tiny")
 VISION_PRESETS = ("base", "large", "huge")  # the ViT paper's Table 1
 # Set from the tokenizer and the data, never by hand.
@@ -132,6 +133,11 @@ class TrainSection:
     # the first N encoder layers (and N decoder layers).
     freeze_embeddings: bool = False
     freeze_layers: int = 0
+    # Under torchrun: DistributedDataParallel, or FSDP (parameters, gradients and optimizer state sharded
+    # over the processes) for a model that does not fit on one device. A plain process ignores it.
+    distributed: str = "ddp"  # ddp | fsdp
+    # A non-finite loss skips its step; this many in a row stop the run (0 = stop at the first).
+    max_nonfinite_skips: int = 0
 
 
 @dataclass
@@ -275,6 +281,17 @@ def _validate(recipe: Recipe) -> None:
     )
     need(t.precision in PRECISIONS, f"[train] precision = {t.precision!r}", f"must be one of {PRECISIONS}")
     need(t.optimizer in OPTIMIZERS, f"[train] optimizer = {t.optimizer!r}", f"must be one of {OPTIMIZERS}")
+    need(
+        t.distributed in DISTRIBUTED,
+        f"[train] distributed = {t.distributed!r}",
+        f"must be one of {DISTRIBUTED}",
+    )
+    need(t.max_nonfinite_skips >= 0, f"[train] max_nonfinite_skips = {t.max_nonfinite_skips}", "must be >= 0")
+    need(
+        not (t.distributed == "fsdp" and t.precision == "fp16"),
+        "[train] distributed = 'fsdp' with precision = 'fp16'",
+        "the gradient scaler of fp16 is not supported with FSDP here: use bf16",
+    )
     need(t.weight_decay >= 0, f"[train] weight_decay = {t.weight_decay}", "must be >= 0")
     need(0.0 <= d.word_dropout < 1.0, f"[data] word_dropout = {d.word_dropout}", "must be in [0, 1)")
     for section, obj, names in (

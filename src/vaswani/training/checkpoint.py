@@ -10,6 +10,14 @@ It is written into a temporary directory beside its final place, each file flush
 renamed into place; a pointer file (`LATEST`) is replaced atomically afterwards. A crash at any moment leaves
 either the old checkpoint or the new one, never a half-written one under a real name. Loading checks the
 checksums, so a truncated or tampered file is refused with a one-line error instead of being used.
+
+A kill can still leave debris under hidden names: a `.NAME.*.tmp` directory (a write that did not finish),
+a `.NAME.old` (an existing checkpoint moved aside for its replacement), a `.NAME.trash` (an old checkpoint
+being deleted). `recover_interrupted_writes` clears them and puts a `.NAME.old` back when nothing replaced
+it; a resumed run calls it first.
+
+Fault tests set VASWANI_FAULT_CHECKPOINT_DELAY_S to hold every write for that many seconds between
+writing the files and renaming them into place, so that a kill can be aimed at the middle of a write.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
 LATEST = "LATEST"
+FAULT_DELAY_ENV = "VASWANI_FAULT_CHECKPOINT_DELAY_S"
 
 
 class CheckpointError(ValueError):
@@ -87,6 +97,9 @@ def save_checkpoint(
         record = dict(meta or {})
         record["sha256"] = {name: sha256_file(tmp / name) for name in files}
         atomic_write_text(tmp / META_FILE, json.dumps(record, indent=2, sort_keys=True))
+        delay = os.environ.get(FAULT_DELAY_ENV)
+        if delay:
+            time.sleep(float(delay))
         if directory.exists():
             # Move the old one aside first: at every moment one complete checkpoint has a real name.
             old = directory.with_name(f".{directory.name}.old")
@@ -100,6 +113,45 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def discard_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a half-deleted one under its real name: it is
+    renamed to a hidden name first (one atomic step), then removed."""
+    directory = Path(directory)
+    trash = directory.with_name(f".{directory.name}.trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_interrupted_writes(parent: Path) -> list[str]:
+    """Clear what interrupted writes and deletions left in `parent` (see the module docstring); a
+    checkpoint moved aside for a replacement that never arrived gets its name back. Returns what was
+    done, one line per item."""
+    parent = Path(parent)
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for path in sorted(parent.iterdir()):
+        name = path.name
+        if not name.startswith("."):
+            continue
+        if name.endswith(".old") and path.is_dir():
+            original = parent / name[1:-4]
+            if original.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {name} (replaced by {original.name})")
+            else:
+                os.rename(path, original)
+                done.append(f"restored {original.name} from {name} (its replacement was never completed)")
+        elif name.endswith(".trash") or (name.endswith(".tmp") and path.is_dir()):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {name} (an interrupted write or deletion)")
+        elif name.endswith(".tmp") and path.is_file():
+            path.unlink(missing_ok=True)
+            done.append(f"removed {name} (an interrupted write)")
+    return done
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

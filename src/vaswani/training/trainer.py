@@ -6,6 +6,11 @@ The loop knows nothing of translation or classification: a `Task` (vaswani.tasks
 each epoch's batches, computes the loss of one batch and validates. What the loop owns is the order of
 events, so that a resumed run replays exactly what an uninterrupted one would have done: data position
 (epoch, batch), optimizer and scheduler state and every RNG are part of each checkpoint.
+
+Under torchrun the same loop runs on every rank, data-parallel (vaswani.training.distributed). Faults are
+handled in the loop (vaswani.training.faults): SIGINT/SIGTERM stop after the step with a checkpoint, a
+non-finite loss skips its step (up to [train] max_nonfinite_skips in a row) and non-finite weights are
+never written.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,15 +32,25 @@ from tqdm import tqdm
 
 from vaswani.evaluation import plot_training_curves, read_metrics
 from vaswani.recipes import Recipe, TrainSection, recipe_to_toml
+from vaswani.training import distributed
 from vaswani.training.checkpoint import (
     atomic_write_text,
     average_checkpoints,
+    discard_checkpoint,
     latest_checkpoint,
     load_training_state,
     load_weights,
+    recover_interrupted_writes,
     save_checkpoint,
     set_latest,
     step_checkpoints,
+)
+from vaswani.training.faults import (
+    STOP_SIGNALS,
+    StopSignals,
+    TrainingInterrupted,
+    nonfinite_parameters,
+    rewind_metrics,
 )
 from vaswani.training.losses import LossOutput
 from vaswani.training.schedules import cosine_lr, inverse_sqrt_lr, noam_lr
@@ -127,6 +142,7 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     elapsed: float = 0.0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,8 +163,26 @@ def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1.0, betas=betas, eps=t.eps)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did, summed over every rank."""
+
+    loss: float  # smoothed loss per target (NaN or inf when the step was skipped for it)
+    nll: float
+    targets: int  # what the loss averages over, all ranks
+    tokens: int  # real source and target tokens, all ranks
+    skipped: bool
+    stop_signal: int  # a SIGINT/SIGTERM received by any rank (0: none)
+    out_of_time: bool  # max_minutes reached (rank 0's clock decides for all)
+
+
 class Trainer:
-    """Trains a task's model into a run directory, resuming from its last checkpoint on request."""
+    """Trains a task's model into a run directory, resuming from its last checkpoint on request.
+
+    Under torchrun it is one rank of a data-parallel job (vaswani.training.distributed): every rank runs
+    the same loop on its share of each global batch; rank 0 alone writes metrics, progress and
+    checkpoints, and the others wait for it.
+    """
 
     def __init__(self, recipe: Recipe, task: Task, run_dir: Path, resume: bool = False) -> None:
         self.recipe, self.task, self.run_dir = recipe, task, Path(run_dir)
@@ -156,6 +190,8 @@ class Trainer:
         self.device = resolve_device(recipe.train.device)
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / METRICS_FILE
+        self.context = distributed.Distributed(mode=recipe.train.distributed)
+        self._shadow: nn.Module | None = None  # FSDP: rank 0's unsharded copy, for writing checkpoints
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> None:
@@ -180,38 +216,66 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def _say(self, message: str) -> None:
+        if self.context.is_main:
+            tqdm.write(message)
+
+    def _build_model(self) -> nn.Module:
+        """Rank 0 builds first: building may train and save the tokenizer (or the labels, model.json) into
+        the run directory, which the other ranks then read instead of racing to write it."""
+        built: list[nn.Module] = []
+        self.context.on_main(lambda: built.append(self.task.build_model()))
+        return built[0] if built else self.task.build_model()
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
-        recipe, t = self.recipe, self.recipe.train
-        self._prepare_run_dir()
+        self.context, self.device = distributed.setup(self.recipe.train.distributed, self.device)
+        try:
+            with StopSignals() as signals:
+                return self._fit(signals)
+        finally:
+            distributed.teardown(self.context)
+
+    def _fit(self, signals: StopSignals) -> TrainState:
+        recipe, t, ctx = self.recipe, self.recipe.train, self.context
+        ctx.on_main(self._prepare_run_dir)
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
-        model = self.task.build_model()
+        model = self._build_model()
         if recipe.init_from is not None and not self.resume:  # a resumed run has its own weights
             fresh = self.task.initialize(model)
-            tqdm.write(
+            self._say(
                 f"initialised from {recipe.init_from}"
                 + (f"; trained from scratch: {', '.join(fresh)}" if fresh else "")
             )
         frozen = freeze(model, t.freeze_embeddings, t.freeze_layers)
         if frozen:
-            tqdm.write(f"frozen: {frozen:,} parameters")
+            self._say(f"frozen: {frozen:,} parameters")
+        checkpoint = self._checkpoint_to_resume() if self.resume else None
+        if checkpoint is not None:
+            load_weights(checkpoint, model)  # before FSDP shards the parameters
+        if ctx.rank > 0:
+            # Every rank built the same initial model from the seed; from here each needs its own random
+            # stream, or all ranks would drop out the same units of different examples.
+            torch.manual_seed(t.seed * 1_000_003 + ctx.rank)
         model.to(self.device)
+        step_model = distributed.wrap(model, ctx, self.device)
         optimizer = make_optimizer(model, t)
         lr_at = learning_rate_function(recipe, model.config.d_model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i + 1))
         scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         state = TrainState()
-        if self.resume:
-            state = self._restore(model, optimizer, scheduler, scaler)
-        step_model = torch.compile(model) if t.compile else model
+        if checkpoint is not None:
+            state = self._restore(checkpoint, model, optimizer, scheduler, scaler)
+        if t.compile:
+            step_model = torch.compile(step_model)
 
         batches = self.task.epoch_batches(state.epoch)
         bar = tqdm(
             total=t.max_steps,
             initial=state.step,
-            disable=not t.progress,
+            disable=not (t.progress and ctx.is_main),
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file needs no 10 updates a second
             desc=recipe.name,
@@ -222,66 +286,92 @@ class Trainer:
         window_loss = window_nll = 0.0
         window_targets = 0
         saved_at = state.step
+        skipped_in_a_row = 0
+        out_of_time = False
         model.train()
-        while state.step < t.max_steps:
+        while state.step < t.max_steps and not out_of_time:
             if t.max_epochs is not None and state.epoch >= t.max_epochs:
                 break
-            if t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes:
-                break
-            specs = []
+            specs, places = [], []
             while len(specs) < t.grad_accum:
                 if state.batch_in_epoch >= len(batches):
                     state.epoch += 1
                     state.batch_in_epoch = 0
                     batches = self.task.epoch_batches(state.epoch)
-                specs.append(batches[state.batch_in_epoch])
+                specs.append(distributed.shard(batches[state.batch_in_epoch], ctx.rank, ctx.world_size))
+                places.append(f"epoch {state.epoch} batch {state.batch_in_epoch}")
                 state.batch_in_epoch += 1
-            micro = [self.task.make_batch(spec, self.device) for spec in specs]
-            loss, nll, n_tokens = self._step(step_model, micro, optimizer, scaler)
-            scheduler.step()
-            state.step += 1
-            counted = sum(self.task.batch_tokens(b) for b in micro)
-            state.tokens += counted
-            window_tokens += counted
-            window_loss += loss * n_tokens
-            window_nll += nll * n_tokens
-            window_targets += n_tokens
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {state.step} (epoch {state.epoch}); "
-                    "the last good checkpoint is kept"
+            micro = [(self.task.make_batch(spec, self.device), stand_in) for spec, stand_in in specs]
+            timed_out = t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes
+            result = self._step(step_model, micro, optimizer, scaler, signals.received or 0, timed_out)
+            out_of_time = result.out_of_time
+            if result.skipped:
+                skipped_in_a_row += 1
+                state.skipped_steps += 1
+                where = f"step {state.step + 1} ({', '.join(places)})"
+                if skipped_in_a_row > t.max_nonfinite_skips:
+                    raise FloatingPointError(
+                        f"loss is {result.loss} at {where}"
+                        + (f", {skipped_in_a_row} steps in a row" if skipped_in_a_row > 1 else "")
+                        + "; the last good checkpoint is kept"
+                    )
+                self._say(
+                    f"loss is {result.loss} at {where}: step skipped "
+                    f"({skipped_in_a_row} in a row; the run stops after {t.max_nonfinite_skips})"
                 )
-            bar.update(1)
-            if state.step % t.log_every == 0 or state.step == 1:
-                # Loss and NLL are averaged over the steps since the last line (per target), as fairseq
-                # logs them: one step's loss alone is too noisy to read a curve from.
-                now = time.perf_counter()
-                record = {
-                    "step": state.step,
-                    "epoch": state.epoch,
-                    "loss": round(window_loss / max(window_targets, 1), 6),
-                    "nll": round(window_nll / max(window_targets, 1), 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                    "targets": window_targets,  # what the losses average over: target tokens, or examples
-                }
-                self._log(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
+            else:
+                skipped_in_a_row = 0
+                scheduler.step()
+                state.step += 1
+                state.tokens += result.tokens
+                window_tokens += result.tokens
+                window_loss += result.loss * result.targets
+                window_nll += result.nll * result.targets
+                window_targets += result.targets
+                bar.update(1)
+                if state.step % t.log_every == 0 or state.step == 1:
+                    # Loss and NLL are averaged over the steps since the last line (per target), as fairseq
+                    # logs them: one step's loss alone is too noisy to read a curve from.
+                    now = time.perf_counter()
+                    record = {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": round(window_loss / max(window_targets, 1), 6),
+                        "nll": round(window_nll / max(window_targets, 1), 6),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                        "targets": window_targets,  # what the losses average over: target tokens, or examples
+                    }
+                    if state.skipped_steps:
+                        record["skipped_steps"] = state.skipped_steps
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
+                    window_tokens, window_start = 0, now
+                    window_loss = window_nll = 0.0
+                    window_targets = 0
+                last_step = state.step >= t.max_steps
+                if state.step % t.eval_every == 0 or last_step:
+                    self._validate(model, state)
+                    model.train()
+                if state.step % t.save_every == 0 or last_step:
+                    state.elapsed = time.perf_counter() - started
+                    self._save(model, optimizer, scheduler, scaler, state)
+                    saved_at = state.step
+            if result.stop_signal:
+                if saved_at != state.step:
+                    state.elapsed = time.perf_counter() - started
+                    self._save(model, optimizer, scheduler, scaler, state)
+                bar.close()
+                name = signal.Signals(result.stop_signal).name
+                raise TrainingInterrupted(
+                    f"stopped by {name} at step {state.step}: checkpoint step_{state.step:07d} saved; "
+                    f"continue with --resume",
+                    result.stop_signal,
                 )
-                window_tokens, window_start = 0, now
-                window_loss = window_nll = 0.0
-                window_targets = 0
-            last_step = state.step >= t.max_steps
-            if state.step % t.eval_every == 0 or last_step:
-                self._validate(model, state)
-                model.train()
-            if state.step % t.save_every == 0 or last_step:
-                state.elapsed = time.perf_counter() - started
-                self._save(model, optimizer, scheduler, scaler, state)
-                saved_at = state.step
         if saved_at != state.step:
             # Stopped by max_epochs or max_minutes between checkpoints: validate and save where we are.
             self._validate(model, state)
@@ -291,29 +381,52 @@ class Trainer:
         self._finish(model, state)
         return state
 
-    def _step(self, model, micro, optimizer, scaler) -> tuple[float, float, int]:
-        """One optimizer step over the micro-batches of `micro`, equivalent to one step on their union:
-        each micro-batch's summed loss is divided by the target tokens of the whole step."""
-        t = self.recipe.train
-        total = sum(int(self.task.loss_denominator(b)) for b in micro)
+    def _step(self, model, micro, optimizer, scaler, stop_signal: int, timed_out: bool) -> StepResult:
+        """One optimizer step over the micro-batches of `micro`, equivalent to one step on their union
+        over all ranks: each micro-batch's summed loss is divided by the target tokens of the whole global
+        step. Only the last micro-batch reduces gradients across ranks. A non-finite loss on any rank skips
+        the step (no weight changes) on every rank."""
+        t, ctx = self.recipe.train, self.context
+        local = sum(int(self.task.loss_denominator(b)) for b, stand_in in micro if not stand_in)
+        (total,) = ctx.all_reduce_sum([local], self.device)
+        # DDP and FSDP average the gradients of the ranks; multiplying by the number of ranks turns that
+        # average into the sum over ranks divided by the global token count: one process's gradient on
+        # the whole batch.
+        scale = ctx.world_size / max(total, 1.0)
         loss_sum = nll_sum = 0.0
-        for batch in micro:
-            with self._autocast():
-                out = self.task.loss(model, batch, t.label_smoothing)
-            weight = float(out.n_tokens) / max(total, 1)
-            scaler.scale(out.loss * weight).backward()
-            loss_sum += out.loss.item() * float(out.n_tokens)
-            nll_sum += out.nll.item() * float(out.n_tokens)
-        if t.clip_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        tokens = 0
+        for i, (batch, stand_in) in enumerate(micro):
+            with distributed.gradient_sync(model, ctx, sync=i == len(micro) - 1):
+                with self._autocast():
+                    out = self.task.loss(model, batch, t.label_smoothing)
+                weight = 0.0 if stand_in else float(out.n_tokens) * scale
+                scaler.scale(out.loss * weight).backward()
+            if not stand_in:
+                loss_sum += out.loss.item() * float(out.n_tokens)
+                nll_sum += out.nll.item() * float(out.n_tokens)
+                tokens += self.task.batch_tokens(batch)
+        got = [float(stop_signal == s) for s in STOP_SIGNALS]
+        loss_sum, nll_sum, tokens_sum, time_up, *received = ctx.all_reduce_sum(
+            [loss_sum, nll_sum, tokens, float(timed_out and ctx.is_main), *got], self.device
+        )
+        loss, nll = loss_sum / max(total, 1.0), nll_sum / max(total, 1.0)
+        # A signal received by any rank stops them all (torchrun passes a SIGTERM on to every worker, but
+        # a scheduler may signal only one); each names the signal it got itself, if any.
+        signum = stop_signal or next((int(s) for s, n in zip(STOP_SIGNALS, received, strict=True) if n), 0)
+        skipped = not (math.isfinite(loss) and math.isfinite(nll))
+        if not skipped:
+            if t.clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss_sum / max(total, 1), nll_sum / max(total, 1), total
+        return StepResult(loss, nll, int(total), int(tokens_sum), skipped, signum, time_up > 0)
 
     # ------------------------------------------------------------------ validation, logging
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.context.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -325,9 +438,11 @@ class Trainer:
         return value > state.best_value if higher_is_better else value < state.best_value
 
     def _validate(self, model: nn.Module, state: TrainState) -> None:
+        # Every rank validates (an FSDP model needs them all to gather its weights); rank 0's numbers
+        # decide, so that all ranks agree on the best checkpoint.
         model.eval()
         with torch.no_grad():
-            metrics = self.task.validate(model, self.device)
+            metrics = self.context.broadcast_from_main(self.task.validate(model, self.device))
         self._log({"step": state.step, "split": "valid", **{k: round(v, 6) for k, v in metrics.items()}})
         name = self.task.best_metric[0]
         value = metrics.get(name)
@@ -336,53 +451,123 @@ class Trainer:
         better = self._improves(value, state)
         if better:
             state.best_value, state.best_step = value, state.step
-            save_checkpoint(self.run_dir / "best", model, meta={"step": state.step, name: value})
-        tqdm.write(
+            plain = self._plain_model(model)
+            meta = {"step": state.step, name: value}
+            self.context.on_main(lambda: self._write(self.run_dir / "best", plain, None, meta))
+        self._say(
             f"step {state.step}: "
             + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             + ("  (best so far)" if better else "")
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, model, optimizer, scheduler, scaler, state: TrainState) -> None:
-        training_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "state": state.as_dict(),
-        }
-        name = f"step_{state.step:07d}"
-        save_checkpoint(
-            self.checkpoints_dir / name,
-            model,
-            training_state,
-            meta={"step": state.step, "epoch": state.epoch},
-        )
-        set_latest(self.checkpoints_dir, name)
-        keep = max(self.recipe.train.keep_checkpoints, self.recipe.train.average_last, 1)
-        for old in step_checkpoints(self.checkpoints_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _plain_model(self, model: nn.Module) -> nn.Module:
+        """The model as a single process holds it, on rank 0 (FSDP: the shards gathered into a copy on the
+        CPU; every rank must call this then)."""
+        if not (self.context.active and self.context.mode == "fsdp"):
+            return model
+        full = distributed.full_model_state(model, self.context)
+        if not self.context.is_main:
+            return model  # not written from here
+        if self._shadow is None:
+            self._shadow = self.task.build_model()
+        self._shadow.load_state_dict(full)
+        return self._shadow
 
-    def _restore(self, model, optimizer, scheduler, scaler) -> TrainState:
+    def _write(self, directory: Path, model: nn.Module, training_state, meta: dict[str, Any]) -> None:
+        """save_checkpoint, refusing weights that are not finite and naming what failed and what is kept."""
+        last = latest_checkpoint(self.checkpoints_dir)
+        kept = f"the last good checkpoint ({last.name if last else 'none yet'}) is kept"
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise FloatingPointError(
+                f"weights are not finite at step {meta['step']} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): {directory.name} not written; {kept}"
+            )
+        try:
+            save_checkpoint(directory, model, training_state, meta=meta)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise OSError(f"cannot write checkpoint {directory}: {reason}; {kept}") from None
+
+    def _save(self, model, optimizer, scheduler, scaler, state: TrainState) -> None:
+        ctx = self.context
+        plain = self._plain_model(model)
+        optimizer_state = distributed.full_optimizer_state(model, optimizer, ctx)
+        rng_ranks = ctx.gather_to_main(torch.get_rng_state())
+
+        def write() -> None:
+            training_state = {
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cpu_ranks": rng_ranks,
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "state": state.as_dict(),
+                "world_size": ctx.world_size,
+            }
+            name = f"step_{state.step:07d}"
+            meta = {"step": state.step, "epoch": state.epoch}
+            self._write(self.checkpoints_dir / name, plain, training_state, meta)
+            set_latest(self.checkpoints_dir, name)
+            keep = max(self.recipe.train.keep_checkpoints, self.recipe.train.average_last, 1)
+            for old in step_checkpoints(self.checkpoints_dir)[:-keep]:
+                discard_checkpoint(old)
+
+        ctx.on_main(write)
+
+    def _checkpoint_to_resume(self) -> Path:
+        """The checkpoint LATEST names, after clearing what a kill may have left behind (rank 0)."""
+
+        def recover() -> None:
+            for line in recover_interrupted_writes(self.checkpoints_dir) + recover_interrupted_writes(
+                self.run_dir
+            ):
+                self._say(f"{self.run_dir}: {line}")
+
+        self.context.on_main(recover)
         checkpoint = latest_checkpoint(self.checkpoints_dir)
         if checkpoint is None:
             raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        load_weights(checkpoint, model)
+        return checkpoint
+
+    def _restore(self, checkpoint: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        """Optimizer, schedule, RNG and data position from `checkpoint` (its weights are already loaded)."""
+        ctx = self.context
         saved = load_training_state(checkpoint)
-        optimizer.load_state_dict(saved["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, saved["optimizer"], ctx)
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if saved["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng_cuda"])
         state = TrainState(**saved["state"])
-        tqdm.write(f"resuming {self.run_dir} from {checkpoint.name} (step {state.step}, epoch {state.epoch})")
+        ranks = saved.get("rng_cpu_ranks") or [saved["rng_cpu"]]
+        if len(ranks) == ctx.world_size:
+            torch.set_rng_state(ranks[ctx.rank])
+        else:
+            # Another number of processes: the data order carries over (it is global), but per-rank random
+            # streams (dropout) cannot; they restart from (seed, step, rank).
+            torch.manual_seed((self.recipe.train.seed * 1_000_003 + state.step) * 1_000_033 + ctx.rank)
+            self._say(
+                f"saved by {len(ranks)} process(es), resumed by {ctx.world_size}: random streams restart "
+                f"from (seed, step, rank)"
+            )
+        if saved["rng_cuda"] and torch.cuda.is_available() and not ctx.active:
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        dropped = self.context.on_main(lambda: rewind_metrics(self.metrics_path, state.step))
+        self._say(
+            f"resuming {self.run_dir} from {checkpoint.name} (step {state.step}, epoch {state.epoch})"
+            + (f"; {dropped} metrics line(s) logged after it dropped" if dropped else "")
+        )
         return state
 
     def _finish(self, model: nn.Module, state: TrainState) -> None:
-        """Average the last checkpoints (§6.1), choose the final weights, draw the curves."""
+        """Average the last checkpoints (§6.1), choose the final weights, draw the curves (rank 0; under
+        FSDP on a CPU copy of the model)."""
+        plain = self._plain_model(model)
+        device = torch.device("cpu") if plain is self._shadow else self.device
+        self.context.on_main(lambda: self._finish_on_main(plain, device, state))
+
+    def _finish_on_main(self, model: nn.Module, device: torch.device, state: TrainState) -> None:
         n = self.recipe.train.average_last
         final = "best" if (self.run_dir / "best").is_dir() else None
         checkpoints = step_checkpoints(self.checkpoints_dir)
@@ -398,7 +583,7 @@ class Trainer:
             )
             model.eval()
             with torch.no_grad():
-                metrics = self.task.validate(model, self.device)
+                metrics = self.task.validate(model, device)
             self._log({"step": state.step, "split": "valid", "checkpoint": "averaged", **metrics})
             value = metrics.get(self.task.best_metric[0])
             if value is not None and math.isfinite(value) and self._improves(value, state):
