@@ -208,6 +208,11 @@ class Trainer:
         except OSError as error:
             raise ValueError(f"run directory {self.run_dir} is not writable: {error.strerror}") from None
         (self.run_dir / RECIPE_FILE).write_text(recipe_to_toml(self.recipe), encoding="utf-8")
+        if not self.resume:
+            # A run killed before its first checkpoint starts over, and so do its metrics.
+            dropped = rewind_metrics(self.metrics_path, 0)
+            if dropped:
+                self._say(f"{self.metrics_path}: {dropped} line(s) of a run with no checkpoint dropped")
 
     def _autocast(self):
         precision = self.recipe.train.precision
@@ -317,7 +322,7 @@ class Trainer:
                     )
                 self._say(
                     f"loss is {result.loss} at {where}: step skipped "
-                    f"({skipped_in_a_row} in a row; the run stops after {t.max_nonfinite_skips})"
+                    f"({skipped_in_a_row} in a row; more than {t.max_nonfinite_skips} stop the run)"
                 )
             else:
                 skipped_in_a_row = 0
@@ -427,8 +432,15 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            last = latest_checkpoint(self.checkpoints_dir)
+            raise OSError(
+                f"cannot write {self.metrics_path}: {error.strerror or error}; "
+                f"the last good checkpoint ({last.name if last else 'none yet'}) is kept"
+            ) from None
 
     def _improves(self, value: float, state: TrainState) -> bool:
         """Whether a validation value beats the best so far, in the task's direction."""
