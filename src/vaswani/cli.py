@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         state = trainer.fit()
     except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr)
+        if main_rank:
+            print(stop, file=sys.stderr)
         return stop.exit_code
     if not main_rank:
         return 0
