@@ -87,6 +87,9 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path)
     fsdp = ["--set", 'train.distributed="fsdp"']
     assert main(run("one")) == 0  # the reference: one process, whole batches, 6 steps
     assert main(run("one_half", *half)) == 0  # one process, 3 steps, to resume on two
+    # Batches of one sentence: the second rank only ever has a stand-in, weighted 0.
+    single = ["--set", "data.max_sentences=1"]
+    assert main(run("one_single", *single)) == 0
     run_sequence(
         [
             run("ddp"),
@@ -98,6 +101,7 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path)
             run("one_to_two", "--resume"),  # 1 -> 2
             run("fsdp", *fsdp),
             run("ddp_half_to_fsdp", "--resume", *fsdp),  # a DDP checkpoint continued by FSDP
+            run("ddp_single", *single),
         ],
         processes=2,
     )
@@ -108,11 +112,16 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path)
         name: max_difference(reference, final_weights(tmp_path / name))
         for name in ("ddp", "ddp_half", "one_to_two", "ddp_half_to_one", "fsdp", "ddp_half_to_fsdp")
     }
+    single_ranks = final_weights(tmp_path / "ddp_single")
+    differences["ddp_single"] = max_difference(final_weights(tmp_path / "one_single"), single_ranks)
     print("max abs parameter difference from one process:", differences)  # for docs/RELIABILITY.md
     assert all(d < 1e-5 for d in differences.values()), differences
     # Same losses step for step, logged once per step by rank 0 alone, none twice after a resume.
     losses = [(r["step"], r["loss"]) for r in metrics(tmp_path / "one")]
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in metrics(tmp_path / "ddp_single")] == pytest.approx(
+        [r["loss"] for r in metrics(tmp_path / "one_single")], rel=1e-5
+    )
     for name in ("ddp", "ddp_half", "one_to_two", "ddp_half_to_one", "fsdp"):
         logged = [(r["step"], r["loss"]) for r in metrics(tmp_path / name)]
         assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6], name
