@@ -16,7 +16,6 @@ never written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -36,23 +35,18 @@ from vaswani.training import distributed
 from vaswani.training.checkpoint import (
     atomic_write_text,
     average_checkpoints,
-    discard_checkpoint,
     latest_checkpoint,
-    load_training_state,
     load_weights,
-    recover_interrupted_writes,
-    save_checkpoint,
-    set_latest,
     step_checkpoints,
 )
 from vaswani.training.faults import (
     STOP_SIGNALS,
     StopSignals,
     TrainingInterrupted,
-    nonfinite_parameters,
     rewind_metrics,
 )
 from vaswani.training.losses import LossOutput
+from vaswani.training.run_state import RunCheckpoints, TrainState
 from vaswani.training.schedules import cosine_lr, inverse_sqrt_lr, noam_lr
 
 METRICS_FILE = "metrics.jsonl"
@@ -133,21 +127,6 @@ def learning_rate_function(recipe: Recipe, d_model: int):
     return lambda step: t.lr * min(1.0, step / max(t.warmup_steps, 1))
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    tokens: int = 0
-    best_value: float | None = None
-    best_step: int | None = None
-    elapsed: float = 0.0
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     """Adam as in §5.3 (its weight decay is L2 added to the gradient), or AdamW whose decoupled decay
     touches only matrices: decaying biases and LayerNorm gains pulls them towards 0, which nothing asks for
@@ -191,7 +170,6 @@ class Trainer:
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / METRICS_FILE
         self.context = distributed.Distributed(mode=recipe.train.distributed)
-        self._shadow: nn.Module | None = None  # FSDP: rank 0's unsharded copy, for writing checkpoints
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> None:
@@ -235,6 +213,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
         self.context, self.device = distributed.setup(self.recipe.train.distributed, self.device)
+        self.checkpoints = RunCheckpoints(
+            self.run_dir, self.recipe, self.task.build_model, self.context, self._say, self.metrics_path
+        )
         try:
             with StopSignals() as signals:
                 return self._fit(signals)
@@ -257,7 +238,7 @@ class Trainer:
         frozen = freeze(model, t.freeze_embeddings, t.freeze_layers)
         if frozen:
             self._say(f"frozen: {frozen:,} parameters")
-        checkpoint = self._checkpoint_to_resume() if self.resume else None
+        checkpoint = self.checkpoints.to_resume() if self.resume else None
         if checkpoint is not None:
             load_weights(checkpoint, model)  # before FSDP shards the parameters
         if ctx.rank > 0:
@@ -272,7 +253,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         state = TrainState()
         if checkpoint is not None:
-            state = self._restore(checkpoint, model, optimizer, scheduler, scaler)
+            state = self.checkpoints.restore(checkpoint, model, optimizer, scheduler, scaler)
         if t.compile:
             step_model = torch.compile(step_model)
 
@@ -364,12 +345,12 @@ class Trainer:
                     model.train()
                 if state.step % t.save_every == 0 or last_step:
                     state.elapsed = time.perf_counter() - started
-                    self._save(model, optimizer, scheduler, scaler, state)
+                    self.checkpoints.save(model, optimizer, scheduler, scaler, state)
                     saved_at = state.step
             if result.stop_signal:
                 if saved_at != state.step:
                     state.elapsed = time.perf_counter() - started
-                    self._save(model, optimizer, scheduler, scaler, state)
+                    self.checkpoints.save(model, optimizer, scheduler, scaler, state)
                 bar.close()
                 name = signal.Signals(result.stop_signal).name
                 raise TrainingInterrupted(
@@ -381,7 +362,7 @@ class Trainer:
             # Stopped by max_epochs or max_minutes between checkpoints: validate and save where we are.
             self._validate(model, state)
             state.elapsed = time.perf_counter() - started
-            self._save(model, optimizer, scheduler, scaler, state)
+            self.checkpoints.save(model, optimizer, scheduler, scaler, state)
         bar.close()
         self._finish(model, state)
         return state
@@ -463,120 +444,18 @@ class Trainer:
         better = self._improves(value, state)
         if better:
             state.best_value, state.best_step = value, state.step
-            plain = self._plain_model(model)
-            meta = {"step": state.step, name: value}
-            self.context.on_main(lambda: self._write(self.run_dir / "best", plain, None, meta))
+            self.checkpoints.save_best(model, {"step": state.step, name: value})
         self._say(
             f"step {state.step}: "
             + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             + ("  (best so far)" if better else "")
         )
 
-    # ------------------------------------------------------------------ checkpoints
-    def _plain_model(self, model: nn.Module) -> nn.Module:
-        """The model as a single process holds it, on rank 0 (FSDP: the shards gathered into a copy on the
-        CPU; every rank must call this then)."""
-        if not (self.context.active and self.context.mode == "fsdp"):
-            return model
-        full = distributed.full_model_state(model, self.context)
-        if not self.context.is_main:
-            return model  # not written from here
-        if self._shadow is None:
-            self._shadow = self.task.build_model()
-        self._shadow.load_state_dict(full)
-        return self._shadow
-
-    def _write(self, directory: Path, model: nn.Module, training_state, meta: dict[str, Any]) -> None:
-        """save_checkpoint, refusing weights that are not finite and naming what failed and what is kept."""
-        last = latest_checkpoint(self.checkpoints_dir)
-        kept = f"the last good checkpoint ({last.name if last else 'none yet'}) is kept"
-        bad = nonfinite_parameters(model)
-        if bad:
-            raise FloatingPointError(
-                f"weights are not finite at step {meta['step']} ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}): {directory.name} not written; {kept}"
-            )
-        try:
-            save_checkpoint(directory, model, training_state, meta=meta)
-        except OSError as error:
-            reason = error.strerror or str(error)
-            raise OSError(f"cannot write checkpoint {directory}: {reason}; {kept}") from None
-
-    def _save(self, model, optimizer, scheduler, scaler, state: TrainState) -> None:
-        ctx = self.context
-        plain = self._plain_model(model)
-        optimizer_state = distributed.full_optimizer_state(model, optimizer, ctx)
-        rng_ranks = ctx.gather_to_main(torch.get_rng_state())
-
-        def write() -> None:
-            training_state = {
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cpu_ranks": rng_ranks,
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "state": state.as_dict(),
-                "world_size": ctx.world_size,
-            }
-            name = f"step_{state.step:07d}"
-            meta = {"step": state.step, "epoch": state.epoch}
-            self._write(self.checkpoints_dir / name, plain, training_state, meta)
-            set_latest(self.checkpoints_dir, name)
-            keep = max(self.recipe.train.keep_checkpoints, self.recipe.train.average_last, 1)
-            for old in step_checkpoints(self.checkpoints_dir)[:-keep]:
-                discard_checkpoint(old)
-
-        ctx.on_main(write)
-
-    def _checkpoint_to_resume(self) -> Path:
-        """The checkpoint LATEST names, after clearing what a kill may have left behind (rank 0)."""
-
-        def recover() -> None:
-            for line in recover_interrupted_writes(self.checkpoints_dir) + recover_interrupted_writes(
-                self.run_dir
-            ):
-                self._say(f"{self.run_dir}: {line}")
-
-        self.context.on_main(recover)
-        checkpoint = latest_checkpoint(self.checkpoints_dir)
-        if checkpoint is None:
-            raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        return checkpoint
-
-    def _restore(self, checkpoint: Path, model, optimizer, scheduler, scaler) -> TrainState:
-        """Optimizer, schedule, RNG and data position from `checkpoint` (its weights are already loaded)."""
-        ctx = self.context
-        saved = load_training_state(checkpoint)
-        distributed.load_optimizer_state(model, optimizer, saved["optimizer"], ctx)
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["state"])
-        ranks = saved.get("rng_cpu_ranks") or [saved["rng_cpu"]]
-        if len(ranks) == ctx.world_size:
-            torch.set_rng_state(ranks[ctx.rank])
-        else:
-            # Another number of processes: the data order carries over (it is global), but per-rank random
-            # streams (dropout) cannot; they restart from (seed, step, rank).
-            torch.manual_seed((self.recipe.train.seed * 1_000_003 + state.step) * 1_000_033 + ctx.rank)
-            self._say(
-                f"saved by {len(ranks)} process(es), resumed by {ctx.world_size}: random streams restart "
-                f"from (seed, step, rank)"
-            )
-        if saved["rng_cuda"] and torch.cuda.is_available() and not ctx.active:
-            torch.cuda.set_rng_state_all(saved["rng_cuda"])
-        dropped = self.context.on_main(lambda: rewind_metrics(self.metrics_path, state.step))
-        self._say(
-            f"resuming {self.run_dir} from {checkpoint.name} (step {state.step}, epoch {state.epoch})"
-            + (f"; {dropped} metrics line(s) logged after it dropped" if dropped else "")
-        )
-        return state
-
     def _finish(self, model: nn.Module, state: TrainState) -> None:
         """Average the last checkpoints (§6.1), choose the final weights, draw the curves (rank 0; under
         FSDP on a CPU copy of the model)."""
-        plain = self._plain_model(model)
-        device = torch.device("cpu") if plain is self._shadow else self.device
+        plain = self.checkpoints.plain_model(model)
+        device = torch.device("cpu") if plain is self.checkpoints.shadow else self.device
         self.context.on_main(lambda: self._finish_on_main(plain, device, state))
 
     def _finish_on_main(self, model: nn.Module, device: torch.device, state: TrainState) -> None:
@@ -588,11 +467,8 @@ class Trainer:
         if n > 1 and len(checkpoints) >= 2:
             chosen = checkpoints[-n:]
             average_checkpoints(chosen, model)
-            save_checkpoint(
-                self.run_dir / "averaged",
-                model,
-                meta={"step": state.step, "averaged": [p.name for p in chosen]},
-            )
+            meta = {"step": state.step, "averaged": [p.name for p in chosen]}
+            self.checkpoints.write(self.run_dir / "averaged", model, None, meta)
             model.eval()
             with torch.no_grad():
                 metrics = self.task.validate(model, device)
