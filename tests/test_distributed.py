@@ -10,6 +10,7 @@ import torch
 from run_fixtures import final_weights, max_difference, metrics, run_sequence, write_recipe
 from test_trainer import CopyTask, recipe
 from vaswani.cli import main
+from vaswani.recipes import RecipeError, recipe_from_dict
 from vaswani.training import distributed
 from vaswani.training.trainer import Trainer
 
@@ -35,6 +36,16 @@ def test_a_rank_left_without_examples_gets_a_stand_in_weighted_zero():
     assert distributed.shard([8], 1, 2) == ([8], True)
     share, stand_in = distributed.shard(torch.tensor([5, 6, 7]), 1, 2)  # language-model window starts
     assert share.tolist() == [6] and not stand_in
+
+
+def test_recipes_name_a_known_engine_and_no_fp16_with_fsdp():
+    unknown = r"\[train\] distributed = 'horovod': must be one of \('ddp', 'fsdp'\)"
+    with pytest.raises(RecipeError, match=unknown):
+        recipe_from_dict({"train": {"distributed": "horovod"}})
+    with pytest.raises(RecipeError, match="not supported with FSDP here: use bf16"):
+        recipe_from_dict({"train": {"distributed": "fsdp", "precision": "fp16"}})
+    with pytest.raises(RecipeError, match="max_nonfinite_skips = -1"):
+        recipe_from_dict({"train": {"max_nonfinite_skips": -1}})
 
 
 def free_port() -> int:
@@ -84,7 +95,8 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path)
         return ["train", r, "--run-dir", str(tmp_path / name), *extra]
 
     half = ["--set", "train.max_steps=3"]
-    fsdp = ["--set", 'train.distributed="fsdp"']
+    # FSDP validation also decodes (generate() on a sharded model) a few sentences for BLEU.
+    fsdp = ["--set", 'train.distributed="fsdp"', "--set", "train.eval_bleu_sentences=4"]
     assert main(run("one")) == 0  # the reference: one process, whole batches, 6 steps
     assert main(run("one_half", *half)) == 0  # one process, 3 steps, to resume on two
     # Batches of one sentence: the second rank only ever has a stand-in, weighted 0.
@@ -119,6 +131,7 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path)
     # Same losses step for step, logged once per step by rank 0 alone, none twice after a resume.
     losses = [(r["step"], r["loss"]) for r in metrics(tmp_path / "one")]
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert "valid_bleu" in metrics(tmp_path / "fsdp", "valid")[-1]
     assert [r["loss"] for r in metrics(tmp_path / "ddp_single")] == pytest.approx(
         [r["loss"] for r in metrics(tmp_path / "one_single")], rel=1e-5
     )

@@ -152,13 +152,17 @@ def wrap(model: nn.Module, context: Distributed, device: torch.device) -> nn.Mod
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
         for layer in getattr(stack, "layers", []):
             fully_shard(layer)
     fully_shard(model)
+    if hasattr(model, "generate"):
+        # Validation decodes with generate(), which reaches the embeddings without forward(): FSDP must
+        # gather the root's parameters around it too.
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
