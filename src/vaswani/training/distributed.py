@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("ddp", "fsdp")
+from vaswani.recipes import DISTRIBUTED
+
 T = TypeVar("T")
 
 
@@ -50,10 +51,6 @@ class Distributed:
         return self.rank == 0
 
     # ------------------------------------------------------------------ collectives
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
     def all_reduce_sum(self, values: Sequence[float], device: torch.device) -> list[float]:
         """Sums of `values` over all ranks, in float64 (token counts stay exact far beyond 2**24)."""
         if not self.active:
@@ -100,8 +97,8 @@ def setup(mode: str, device: torch.device) -> tuple[Distributed, torch.device]:
 
     Under torchrun a CUDA device becomes cuda:LOCAL_RANK (one GPU per process, NCCL); a CPU job uses gloo.
     """
-    if mode not in MODES:
-        raise ValueError(f"[train] distributed = {mode!r}: must be one of {MODES}")
+    if mode not in DISTRIBUTED:
+        raise ValueError(f"[train] distributed = {mode!r}: must be one of {DISTRIBUTED}")
     if not launched_by_torchrun():
         return Distributed(mode=mode), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
