@@ -40,7 +40,10 @@ def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
     # a traced (ONNX) graph: check in eager mode only.
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not ids.numel():
         return
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+    # One reduction and one read-back: on a GPU an out-of-range id would otherwise end in a device-side
+    # assert that kills the process, so the check is worth its single synchronisation.
+    low, high = torch.aminmax(ids)
+    if bool((low < 0) | (high >= vocab_size)):
         raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
 
 
