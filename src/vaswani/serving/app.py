@@ -239,7 +239,8 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
 
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": len(models)}
+        stats = batcher.stats
+        return {"status": "ok", "models": len(models), "batches": stats.batches, "batched_items": stats.items}
 
     playground = resources.files("vaswani.serving").joinpath("static/playground.html").read_text("utf-8")
     viewer = attention_page_template()

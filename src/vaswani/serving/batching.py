@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
@@ -31,14 +31,11 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list)
 
     def record(self, size: int) -> None:
         self.batches += 1
         self.items += size
         self.largest = max(self.largest, size)
-        if len(self.sizes) < 10_000:  # a bounded trace for tests and the benchmark
-            self.sizes.append(size)
 
 
 class DynamicBatcher:

@@ -157,6 +157,8 @@ class ModelsResponse(BaseModel):
 class Health(BaseModel):
     status: str
     models: int
+    batches: int = Field(description="forward passes run so far (a batch of one counts)")
+    batched_items: int = Field(description="inputs answered in them: batched_items / batches = mean batch")
 
 
 class ErrorResponse(BaseModel):
