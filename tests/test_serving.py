@@ -296,3 +296,13 @@ def test_serve_refuses_missing_runs_and_unserved_tasks_in_one_line(tmp_path, run
     assert capsys.readouterr().err.strip().startswith("error: run directory not found")
     with pytest.raises(ValueError, match="two runs are named 'mt'"):
         load_models([runs["mt"], runs["mt"]])
+
+
+def test_an_app_started_and_stopped_twice_still_answers(models):
+    """Each test client (and schemathesis' every call) runs the app's lifespan; its shutdown closes the
+    inference thread, and the next start must bring it back (found by the fuzz test)."""
+    app = create_app(models)
+    for _ in range(2):
+        with TestClient(app) as client:
+            response = post(client, "/v1/classify", {"model": "clf", "texts": ["Who ?"]})
+            assert response.status_code == 200

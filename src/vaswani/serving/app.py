@@ -41,6 +41,12 @@ from vaswani.serving.schemas import (
     TranslateResponse,
 )
 
+REQUEST_ENDPOINTS = {  # request schema -> the endpoint its models serve (None: any model)
+    "TranslateRequest": "/v1/translate",
+    "ClassifyRequest": "/v1/classify",
+    "GenerateRequest": "/v1/generate",
+    "AttentionRequest": None,
+}
 _ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -254,4 +260,17 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
         # vaswani.interpret's attention page with its holes unfilled; the playground fills them.
         return HTMLResponse(viewer)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The served names, as an enum of each request's `model`: /docs offers them and a fuzzer finds them.
+        if app.openapi_schema is None:
+            schemas = default_openapi()["components"]["schemas"]
+            for request, endpoint in REQUEST_ENDPOINTS.items():
+                names = sorted(n for n, m in models.items() if endpoint in (None, m.endpoint))
+                if names:
+                    schemas[request]["properties"]["model"]["enum"] = names
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

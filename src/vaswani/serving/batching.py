@@ -53,7 +53,7 @@ class DynamicBatcher:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaswani-inference")
+        self._executor: ThreadPoolExecutor | None = None
         self.stats = BatchStats()
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
@@ -69,6 +69,14 @@ class DynamicBatcher:
     async def run_alone(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the inference thread, between batches (for work that is never batched)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The inference thread; made again after `close`, since an app may be started more than once
+        (each test client runs the app's lifespan)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaswani-inference")
+        return self._executor
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,6 +126,10 @@ class DynamicBatcher:
                         future.set_result(result)
 
     def close(self) -> None:
+        """Stop the worker and the inference thread (the app's shutdown); a later `submit` starts both."""
         if self._worker is not None:
             self._worker.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
