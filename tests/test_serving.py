@@ -306,3 +306,14 @@ def test_an_app_started_and_stopped_twice_still_answers(models):
         with TestClient(app) as client:
             response = post(client, "/v1/classify", {"model": "clf", "texts": ["Who ?"]})
             assert response.status_code == 200
+
+
+def test_generate_batch_of_prompts_of_different_lengths_equals_each_prompt_alone(models):
+    run = models["lm"].run
+    prompts = ["Two", "A little girl", "W"]
+    for options in ({"temperature": 0}, {"beam_size": 2, "temperature": 0}):
+        together = run.task.generate_batch(run.model, prompts, run.device, max_new_tokens=6, **options)
+        alone = [run.task.generate(run.model, p, run.device, max_new_tokens=6, **options) for p in prompts]
+        assert together == alone
+    with pytest.raises(ValueError, match="top_k only apply to sampling"):
+        run.task.generate_batch(run.model, prompts, run.device, beam_size=2, top_k=3)
