@@ -294,6 +294,8 @@ def test_serve_command_parses_and_calls_serve(runs, monkeypatch):
 def test_serve_refuses_missing_runs_and_unserved_tasks_in_one_line(tmp_path, runs, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: run directory not found")
+    assert main(["serve", str(runs["mt"]), "--max-inputs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: max_inputs=0 must be at least 1"
     with pytest.raises(ValueError, match="two runs are named 'mt'"):
         load_models([runs["mt"], runs["mt"]])
 

@@ -578,6 +578,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.batch_wait_ms,
     )
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     serve(args.run_dirs, args.host, args.port, limits, args.device, args.checkpoint, args.log_level)
     return 0
