@@ -56,6 +56,8 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     probs = torch.softmax(sorted_scores, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     remove_sorted = mass_before >= p
+    # A p below float32's smallest positive number compares as 0 and would remove every token.
+    remove_sorted[..., 0] = False
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return scores.masked_fill(remove, float("-inf"))
 

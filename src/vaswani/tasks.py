@@ -580,38 +580,72 @@ class LanguageModelTask(_Task):
 
     def generate(self, model: TransformerLM, prompt: str, device: torch.device, **options: Any) -> str:
         """Continue `prompt`. Options (None = the recipe's [decode] value): max_new_tokens (default: 200, or
-        what still fits in max_len), temperature (0 = greedy), top_k, top_p, generator."""
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
+        what still fits in max_len), temperature (0 = greedy), top_k, top_p, beam_size, length_penalty,
+        generator."""
+        return self.generate_batch(model, [prompt], device, **options)[0]
+
+    def generate_batch(
+        self, model: TransformerLM, prompts: list[str], device: torch.device, **options: Any
+    ) -> list[str]:
+        """Continue several prompts with the same options in one batch (`generate` for each option).
+
+        The model moves each prompt's padding to the left and masks it, so greedy and beam outputs are the
+        ones each prompt gets alone; sampled rows draw from one shared generator, so with a seed a row's
+        sample depends on the batch it is in.
+        """
+        encoded = [self.tokenizer.encode(prompt) for prompt in prompts]
         dec = self.recipe.decode
-        settings = {"temperature": dec.temperature, "top_k": dec.top_k, "top_p": dec.top_p}
-        settings.update({k: v for k, v in options.items() if v is not None})
-        room = model.config.max_len - len(ids) + 1
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
-            )
+        settings = {
+            "temperature": dec.temperature,
+            "top_k": dec.top_k,
+            "top_p": dec.top_p,
+            "beam_size": 1,
+            "length_penalty": dec.length_penalty,
+        }
+        given = {k: v for k, v in options.items() if v is not None}
+        settings.update(given)
+        if settings["beam_size"] > 1:
+            sampling = [k for k in ("top_k", "top_p") if k in given]
+            sampling += ["temperature"] if given.get("temperature", 0) != 0 else []
+            if sampling:
+                raise ValueError(
+                    f"beam_size={settings['beam_size']} searches for the best continuation; "
+                    f"{', '.join(sampling)} only apply to sampling (beam_size=1)"
+                )
         max_new = settings.get("max_new_tokens")
+        for ids in encoded:
+            if not ids:
+                raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
+            room = model.config.max_len - len(ids) + 1
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
+                )
+            if max_new is not None and max_new > room:
+                raise ValueError(
+                    f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
+                    f"(max_len {model.config.max_len})"
+                )
         if max_new is None:
-            max_new = min(200, room)
-        elif max_new > room:
-            raise ValueError(
-                f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
-                f"(max_len {model.config.max_len})"
-            )
+            max_new = min(200, model.config.max_len - max(len(ids) for ids in encoded) + 1)
         greedy = settings["temperature"] == 0
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_id
         out = model.generate(
-            torch.tensor([ids], device=device),
+            torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device),
             max_new_tokens=max_new,
-            do_sample=not greedy,
+            beam_size=settings["beam_size"],
+            length_penalty=settings["length_penalty"],
+            do_sample=not greedy and settings["beam_size"] == 1,
             temperature=1.0 if greedy else settings["temperature"],
             top_k=settings["top_k"],
             top_p=settings["top_p"],
             generator=settings.get("generator"),
         )
-        tokens, eos = out[0].tolist(), self.tokenizer.eos_id
-        return self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        eos, texts = self.tokenizer.eos_id, []
+        for tokens in out.tolist():
+            texts.append(self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens))
+        return texts
 
 
 class EncoderTask(_Task):
