@@ -94,6 +94,16 @@ def test_generate_greedy_and_seeded_sampling_are_the_tasks(client, models):
     assert first["text"] == again["text"] == expected
 
 
+def test_a_default_length_continuation_fits_the_attention_view(client):
+    # The playground re-reads prompt + continuation for its attention view: with the default
+    # max_new_tokens a long prompt's continuation must still fit the model.
+    prompt = "Two " * 7
+    out = post(client, "/v1/generate", {"model": "lm", "prompt": prompt, "temperature": 0}).json()
+    assert out["text"], out
+    response = post(client, "/v1/attention", {"model": "lm", "text": out["prompt"] + out["text"]})
+    assert response.status_code == 200, response.json()
+
+
 def test_attention_is_the_interpret_modules_page_data(client, models):
     body = post(client, "/v1/attention", {"model": "mt", "text": "A dog.", "target": "Ein Hund."}).json()
     maps = attention_maps(models["mt"].run, "A dog.", "Ein Hund.")

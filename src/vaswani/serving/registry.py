@@ -89,7 +89,10 @@ class ServedModel:
         the prompt leaves in max_len), else min(200, the limit, the room)."""
         room = self.max_tokens - prompt_length + 1
         if asked is None:
-            return min(200, limits.max_new_tokens, room)
+            # One short of the room: the last new token is never fed back, so generation may end at
+            # max_len + 1 tokens; the default keeps prompt + continuation within max_len, where the
+            # playground's attention request (which re-reads them together) is accepted.
+            return min(200, limits.max_new_tokens, max(1, room - 1))
         if asked > limits.max_new_tokens:
             raise RequestError(f"max_new_tokens={asked}: this server allows at most {limits.max_new_tokens}")
         if asked > room:
