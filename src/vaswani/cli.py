@@ -446,6 +446,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory=args.memory,
         seed=args.seed,
         out=args.out,
+        overrides={} if args.dropout is None else {"dropout": args.dropout},
     )
     results = run_benchmark(options)
     print(format_table(results))
@@ -487,6 +488,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="skip the peak-memory measurements (each one runs in a fresh process)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token ids (default: 0)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        metavar="P",
+        help="residual and embedding dropout of every implementation (default: the size's; the paper: 0.1)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=cmd_bench)
 
