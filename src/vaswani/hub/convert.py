@@ -90,12 +90,22 @@ def read_state_dict(directory: Path) -> dict[str, Tensor]:
             state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as error:  # anything that fails to unpickle safely is refused the same way
             raise HFImportError(
-                f"{directory / 'pytorch_model.bin'}: cannot be loaded safely: {error}"
+                f"{directory / 'pytorch_model.bin'}: cannot be loaded safely: {unpickling_reason(error)}"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise HFImportError(f"{directory / 'pytorch_model.bin'}: not a state dict of tensors")
         return state
     raise HFImportError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def unpickling_reason(error: Exception) -> str:
+    """One line from torch.load(weights_only=True)'s refusal: the reason (an unsupported operand, a blocked
+    global such as posix.system). torch's full message runs over several lines and suggests retrying with
+    weights_only=False, which is not advice to pass on about a file from elsewhere."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [line for line in lines if line and not line.startswith(boilerplate)]
+    return reasons[0] if reasons else type(error).__name__
 
 
 def family_of(config: dict[str, Any]) -> str:
