@@ -382,6 +382,10 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
     for key in ("name", "description"):
         if key in values and not isinstance(values[key], str):
             raise RecipeError(f"{source}: {key} = {values[key]!r}: expected a string")
+    name = values.get("name", "run")
+    # The default run directory is runs/<name>: a recipe from elsewhere must not steer it outside runs/.
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise RecipeError(f"{source}: name = {name!r}: expected a plain name, not a path")
     data = _fill("data", DataSection, values.get("data", {}))
     recipe = Recipe(
         name=str(values.get("name", "run")),
