@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from vaswani.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 LATIN1 = "café\n".encode("latin-1")  # é as one Latin-1 byte: not UTF-8
 BINARY = b"\x00\xff\xfe\x81garbage"
 # Characters no training sentence below holds: CJK, a snowman, an emoji, a combining accent.
@@ -452,6 +454,31 @@ ARGUMENT_CASES = [
 ]
 # fmt: on
 
+# An image run (the ViT on scikit-learn's 8x8 digits) takes image files where a text run takes text.
+# fmt: off
+IMAGE_CASES = [
+    case("classify",  "image file missing",            lambda e: ["classify", e.run("vit"), e.tmp / "no.png"], "no.png", "file not found"),
+    case("classify",  "text instead of an image",      lambda e: ["classify", e.run("vit"), "a man"], "a man", "file not found"),
+    case("classify",  "PNG cut after its signature",   lambda e: ["classify", e.run("vit"), e.file("g.png", b"\x89PNG\r\n\x1a\n garbage")], "g.png", "cannot read the PNG"),
+    case("classify",  ".npy of pickled objects",       lambda e: ["classify", e.run("vit"), npy(e, "o.npy", np.array([{"a": 1}], dtype=object))], "o.npy", "allow_pickle=False"),
+    case("classify",  ".npy of the wrong shape",       lambda e: ["classify", e.run("vit"), npy(e, "s.npy", np.zeros((3, 5, 5)))], "s.npy", "shape (3, 5, 5)"),
+    case("classify",  ".npy of NaN pixels",            lambda e: ["classify", e.run("vit"), npy(e, "n.npy", np.full((8, 8), np.nan))], "n.npy", "finite"),
+    case("classify",  ".npy pixels outside [0, 1]",    lambda e: ["classify", e.run("vit"), npy(e, "r.npy", np.full((8, 8), 7.0))], "r.npy", "[0, 1]"),
+    case("classify",  ".npy truncated",                lambda e: ["classify", e.run("vit"), e.file("t.npy", npy(e, "ok.npy", np.zeros((8, 8))).read_bytes()[:60])], "t.npy", "cannot read the array"),
+    case("attention", "--image-index out of range",    lambda e: ["attention", e.run("vit"), "--image-index", "9999", "--out", e.tmp / "a"], "--image-index 9999", "images 0 to"),
+    case("attention", "--target on an image run",      lambda e: ["attention", e.run("vit"), "--image-index", "0", "--target", "x", "--out", e.tmp / "a"], "--target"),
+    case("evaluate",  "unknown split of digits",       lambda e: ["evaluate", e.run("vit"), "--split", "nope"], "unknown split 'nope'", "digits"),
+]
+# fmt: on
+
+
+def npy(env: Env, name: str, array: np.ndarray) -> Path:
+    """An .npy file of `array` (object arrays pickled, as only a careless or hostile writer would)."""
+    path = env.tmp / name
+    np.save(path, array, allow_pickle=array.dtype == object)
+    return path
+
+
 CASES = RECIPE_CASES + DATA_CASES + RUN_CASES + WRONG_RUN_CASES + ARGUMENT_CASES
 
 
@@ -469,6 +496,26 @@ def assert_one_line_error(code: int, stderr: str, names: tuple[str, ...]) -> Non
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gives_one_line_error_and_status_2(case, world, tmp_path, capsys, one_thread):
     args = [str(a) for a in case.args(Env(world, tmp_path))]
+    capsys.readouterr()
+    code = main(args)
+    assert_one_line_error(code, capsys.readouterr().err, case.names)
+
+
+@pytest.fixture(scope="module")
+def vit_world(world: Path) -> Path:
+    """The module's world plus run_vit: a one-layer ViT trained 2 steps on the digits (about 5 s)."""
+    pytest.importorskip("sklearn", reason="the digits data set ships inside scikit-learn")
+    args = ["train", str(ROOT / "configs" / "digits_vit.toml"), "--run-dir", str(world / "run_vit")]
+    for value in ("train.max_steps=2", "train.progress=false", "train.eval_every=2", "train.save_every=2"):
+        args += ["--set", value]
+    args += ["--set", "train.average_last=0", "--set", "model.n_encoder_layers=1"]
+    assert main(args) == 0
+    return world
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.id for c in IMAGE_CASES])
+def test_bad_image_input_gives_one_line_error_and_status_2(case, vit_world, tmp_path, capsys, one_thread):
+    args = [str(a) for a in case.args(Env(vit_world, tmp_path))]
     capsys.readouterr()
     code = main(args)
     assert_one_line_error(code, capsys.readouterr().err, case.names)
@@ -527,7 +574,7 @@ def test_unseen_characters_and_long_classifier_input_work(
 def test_a_process_with_bad_input_prints_no_traceback(world, tmp_path):
     """The same contract seen from outside: a real process, a corrupt checkpoint, one line on stderr."""
     run = Env(world, tmp_path).damaged("mt", lambda r: truncate(final(r) / "model.safetensors"))
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = ROOT / "src"
     result = subprocess.run(
         [sys.executable, "-m", "vaswani.cli", "translate", str(run), "a man"],
         capture_output=True,
