@@ -438,6 +438,7 @@ ARGUMENT_CASES = [
     case("bench",     "unknown workload",              lambda e: ["bench", "--size", "tiny", "--workloads", "fly", "--no-memory"], "--workloads 'fly'"),
     case("bench",     "repeats 0",                     lambda e: ["bench", "--size", "tiny", "--repeats", "0", "--no-memory"], "--repeats 0"),
     case("bench",     "threads 0",                     lambda e: ["bench", "--size", "tiny", "--threads", "0", "--no-memory"], "--threads 0"),
+    case("plot",      "--out is a file",               lambda e: ["plot", "lr", "--out", e.file("plotfile", "x")], "plotfile"),
     case("export",    "unknown format",                lambda e: ["export", e.run("clf"), "--format", "tflite", "--out", e.tmp / "x"], "--format 'tflite'"),
     case("export",    "run directory missing",         lambda e: ["export", e.tmp / "norun", "--out", e.tmp / "x"], "norun", "not found"),
     case("import-hf", "directory missing",             lambda e: ["import-hf", e.tmp / "nohf", e.tmp / "run"], "nohf", "no such checkpoint directory"),
@@ -526,8 +527,29 @@ def test_the_matrix_covers_every_command():
 
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # every `vaswani COMMAND`
-    tested = {c.command for c in CASES} | {"plot"}  # plot takes only a choice that argparse checks
+    tested = {c.command for c in CASES}
     assert commands <= tested, f"commands without bad-input cases: {sorted(commands - tested)}"
+
+
+# Malformed command lines are argparse's to refuse: status 2, its usage line, then one error line.
+USAGE_CASES = [
+    (["transalte", "run"], "invalid choice: 'transalte'"),
+    (["plot", "nope"], "invalid choice: 'nope'"),
+    (["bench", "--size", "huge"], "invalid choice: 'huge'"),
+    (["translate", "run", "--beam", "four"], "--beam: invalid int value: 'four'"),
+    (["generate", "run"], "the following arguments are required: --prompt"),
+    (["average", "run"], "the following arguments are required: --last"),
+    (["translate", "run", "--beem", "4"], "unrecognized arguments: --beem"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE_CASES, ids=[" ".join(a) for a, _ in USAGE_CASES])
+def test_malformed_command_lines_exit_2_with_usage_and_one_error_line(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("usage: vaswani") and message in err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------- what works
