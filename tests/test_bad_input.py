@@ -316,7 +316,7 @@ RECIPE_CASES = [
     case("train", "unknown activation",             lambda e: ["train", e.recipe("[model]\nactivation = 'tanh'\n")], "activation='tanh'"),
     case("train", "dropout of 2",                   lambda e: ["train", e.recipe("[model]\ndropout = 2.0\n")], "dropout=2.0"),
     case("train", "vocabulary size set by hand",    lambda e: ["train", e.recipe("[model]\nvocab_size = 9\n")], "vocab_size", "from the tokenizer"),
-    case("train", "LM window longer than max_len",  lambda e: ["train", e.recipe(FILES_LM + "block_size = 500\n[model]\npreset = 'tiny'\nmax_len = 64\n")], "block_size = 500", "max_len = 64"),
+    case("train", "LM window longer than max_len",  lambda e: [*e.train(FILES_LM + "block_size = 500\n", train_file=e.world / "lm.txt", valid_file=e.world / "lm.txt"), "--set", "model.max_len=64"], "block_size = 500", "max_len = 64"),
     case("train", "--set without =",                lambda e: ["train", e.recipe(""), "--set", "train.max_steps"], "--set 'train.max_steps'", "section.key=value"),
     case("train", "--set unknown key",              lambda e: ["train", e.recipe(""), "--set", "train.max_step=1"], "max_step", "did you mean max_steps?"),
     case("train", "--set bad value",                lambda e: ["train", e.recipe(""), "--set", "train.precision=fp8"], "precision = 'fp8'"),

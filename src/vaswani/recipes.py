@@ -355,13 +355,8 @@ def _validate(recipe: Recipe) -> None:
         )
         return
     if recipe.init_from is None:
-        cfg = recipe.model_config(
+        recipe.model_config(
             vocab_size=max(d.vocab_size, 8), n_classes=2 if d.task == "classification" else None
-        )
-        need(
-            d.task != "lm" or d.block_size <= cfg.max_len,
-            f"[data] block_size = {d.block_size}",
-            f"longer than the model's max_len = {cfg.max_len}",
         )
     else:
         overrides = {k: v for k, v in recipe.model.items() if k != "init_from"}

@@ -554,6 +554,11 @@ class LanguageModelTask(_Task):
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """Random window starts, drawn from a generator seeded by (seed, epoch): reproducible on resume."""
         d = self.recipe.data
+        max_len = self.model_config().max_len
+        if d.block_size > max_len:  # else the first step fails inside the model, far from the recipe key
+            raise RecipeError(
+                f"[data] block_size = {d.block_size}: longer than the model's max_len = {max_len}"
+            )
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
         high = len(self.train_stream) - d.block_size  # a window holds block_size + 1 tokens
         if high <= 0:
