@@ -71,11 +71,17 @@ def _read_inputs(texts: list[str]) -> list[str]:
 
 def _read_lines(path: str, what: str) -> list[str]:
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ValueError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory, not a file") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{what} file {path} is not UTF-8 (byte {error.start})") from None
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{what} file {path}: line {line} is not UTF-8 (byte {error.start})") from None
+    if not lines:
+        raise ValueError(f"{what} file {path} is empty")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -158,7 +164,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_run_of(args: argparse.Namespace, task_class: type | tuple[type, ...], what: str):
     run = load_run(args.run_dir, args.checkpoint, args.device)
     if not isinstance(run.task, task_class):
-        raise ValueError(f"{args.run_dir} is a run of task {run.recipe.data.task!r}, not a {what} run")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ValueError(
+            f"{args.run_dir} is a run of task {run.recipe.data.task!r}, not {article} {what} run"
+        )
     return run
 
 

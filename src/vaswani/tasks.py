@@ -33,6 +33,7 @@ from vaswani.data.datasets import (
     load_classification,
     load_labeled_file,
     load_parallel_files,
+    load_text_file,
     load_tiny_shakespeare,
     load_translation,
 )
@@ -46,6 +47,7 @@ from vaswani.vision_task import ImageClassificationTask
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
 MODEL_CONFIG_FILE = "model.json"
+FILES_SPLITS = ("train", "valid", "test")
 
 
 class _Task:
@@ -88,7 +90,13 @@ class _Task:
         path = self.run_dir / MODEL_CONFIG_FILE
         if path.is_file():
             try:
-                return TransformerConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                values = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise ValueError(f"{path}: not a readable JSON file (corrupt?): {error}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: expected a JSON object of model settings")
+            try:
+                return TransformerConfig.from_dict(values)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"{path}: {error}") from None
         if self.recipe.init_from is not None:
@@ -174,6 +182,7 @@ class _Task:
 
     def _user_file(self, split: str) -> str:
         """dataset = "files": the recipe's {split}_file."""
+        _check_files_split(split)
         path = getattr(self.recipe.data, f"{split}_file", None)
         if not path:
             raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
@@ -190,6 +199,12 @@ class _Task:
             epoch=epoch,
             max_sentences=d.max_sentences,
         )
+
+
+def _check_files_split(split: str) -> None:
+    """dataset = "files" names one file (or pair) per split: train, valid and test, nothing else."""
+    if split not in FILES_SPLITS:
+        raise ValueError(f"unknown split {split!r}: dataset = 'files' has {', '.join(FILES_SPLITS)}")
 
 
 class _Source:
@@ -211,6 +226,7 @@ class TranslationTask(_Task):
     def corpus(self, split: str) -> ParallelCorpus:
         d = self.recipe.data
         if d.dataset == "files":
+            _check_files_split(split)
             src, tgt = getattr(d, f"{split}_src", None), getattr(d, f"{split}_tgt", None)
             if not src or not tgt:
                 raise ValueError(
@@ -367,7 +383,15 @@ class ClassificationTask(_Task):
 
     def _known_labels(self) -> list[str] | None:
         path = self.run_dir / LABELS_FILE
-        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            names = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (corrupt?)") from None
+        if len(names) < 2:
+            raise ValueError(f"{path}: names {len(names)} label(s); a classifier needs at least 2 (corrupt?)")
+        return names
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -498,10 +522,7 @@ class LanguageModelTask(_Task):
         d = self.recipe.data
         if d.dataset == "files":
             path = self._user_file(split)
-            try:
-                return Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"cannot read {path}: {error}") from None
+            return load_text_file(path)
         if d.dataset != "tiny_shakespeare":
             raise ValueError(
                 f"[data] dataset = {d.dataset!r}: language modelling reads tiny_shakespeare or files"
@@ -533,6 +554,11 @@ class LanguageModelTask(_Task):
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """Random window starts, drawn from a generator seeded by (seed, epoch): reproducible on resume."""
         d = self.recipe.data
+        max_len = self.model_config().max_len
+        if d.block_size > max_len:  # else the first step fails inside the model, far from the recipe key
+            raise RecipeError(
+                f"[data] block_size = {d.block_size}: longer than the model's max_len = {max_len}"
+            )
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
         high = len(self.train_stream) - d.block_size  # a window holds block_size + 1 tokens
         if high <= 0:
