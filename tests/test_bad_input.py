@@ -469,6 +469,7 @@ IMAGE_CASES = [
     case("classify",  ".npy truncated",                lambda e: ["classify", e.run("vit"), e.file("t.npy", npy(e, "ok.npy", np.zeros((8, 8))).read_bytes()[:60])], "t.npy", "cannot read the array"),
     case("attention", "--image-index out of range",    lambda e: ["attention", e.run("vit"), "--image-index", "9999", "--out", e.tmp / "a"], "--image-index 9999", "images 0 to"),
     case("attention", "--target on an image run",      lambda e: ["attention", e.run("vit"), "--image-index", "0", "--target", "x", "--out", e.tmp / "a"], "--target"),
+    case("serve",     "an image run",                  lambda e: ["serve", e.run("vit")], "image_classification run", "serve takes"),
     case("evaluate",  "unknown split of digits",       lambda e: ["evaluate", e.run("vit"), "--split", "nope"], "unknown split 'nope'", "digits"),
 ]
 # fmt: on
@@ -481,7 +482,16 @@ def npy(env: Env, name: str, array: np.ndarray) -> Path:
     return path
 
 
-CASES = RECIPE_CASES + DATA_CASES + RUN_CASES + WRONG_RUN_CASES + ARGUMENT_CASES
+# `vaswani serve` refuses everything before it binds a port; none of these may start a server.
+SERVE_CASES = [
+    case("serve",     "run directory missing",         lambda e: ["serve", str(e.tmp / "missing")], "run directory not found"),
+    case("serve",     "the same run twice",            lambda e: ["serve", e.run("mt"), e.run("mt")], "two runs are named"),
+    case("serve",     "tokenizer.json truncated",      lambda e: ["serve", e.damaged("mt", lambda r: truncate(r / "tokenizer.json"))], "tokenizer.json", "not valid JSON"),
+    case("serve",     "--max-inputs 0",                lambda e: ["serve", e.run("mt"), "--max-inputs", "0"], "max_inputs=0"),
+    case("serve",     "--threads 0",                   lambda e: ["serve", e.run("mt"), "--threads", "0"], "--threads"),
+]
+
+CASES = RECIPE_CASES + DATA_CASES + RUN_CASES + WRONG_RUN_CASES + ARGUMENT_CASES + SERVE_CASES
 
 
 def assert_one_line_error(code: int, stderr: str, names: tuple[str, ...]) -> None:
