@@ -170,6 +170,23 @@ def test_cache_reorder_selects_rows():
     assert cache.keys[:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
 
 
+def test_repeated_reorders_and_appends_keep_every_rows_history():
+    # Reference: per row, the list of (key, value) it holds; reorder and append on both, many times,
+    # including a reorder that changes the number of rows (the spare buffer must follow).
+    g = torch.Generator().manual_seed(0)
+    cache, rows, history = KVCache(capacity=7), 4, None
+    for step in range(7):
+        if step:
+            index = torch.randint(0, rows, (rows if step != 3 else rows + 2,), generator=g)
+            cache.reorder(index)
+            history = history.index_select(0, index)
+            rows = index.numel()
+        new = torch.randn(rows, 2, 1, 3, generator=g)
+        keys, values = cache.append(new, -new)
+        history = new if history is None else torch.cat((history, new), dim=2)
+        assert torch.equal(keys, history) and torch.equal(values, -history)
+
+
 def test_attention_rejects_unknown_impl():
     with pytest.raises(ValueError, match="attention impl"):
         MultiHeadAttention(8, 2, impl="flash3")

@@ -224,12 +224,23 @@ def test_vaswani_bench_tiny_runs_end_to_end(tmp_path, capsys):
     assert all(r["status"] in ("ok", "n/a") for r in results["results"]), results["results"]
 
 
+def test_bench_dropout_reaches_every_model_and_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--size", "tiny", "--device", "cpu", "--threads", "1", "--warmup", "0", "--repeats", "1"]
+    argv += ["--precision", "fp32", "--workloads", "train", "--impl", "vaswani,torch", "--dropout", "0.1"]
+    assert main([*argv, "--no-memory", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["size"]["dropout"] == results["config"]["dropout"] == 0.1
+    assert all(r["status"] == "ok" for r in results["results"]), results["results"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--precision", "fp16"], "--precision 'fp16'"),
         (["--impl", "vaswani,jax"], "--impl 'jax'"),
         (["--repeats", "0"], "--repeats 0"),
+        (["--dropout", "1.5"], "--dropout 1.5"),
     ],
 )
 def test_bad_bench_options_are_one_line_errors(args, message, capsys):

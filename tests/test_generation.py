@@ -818,6 +818,7 @@ def test_top_p_filter_keeps_the_smallest_nucleus():
     assert kept(0.97) == [0, 1, 2, 3]
     assert kept(1.0) == [0, 1, 2, 3]
     assert kept(1e-9) == [1]  # the most likely token is always kept
+    assert kept(5e-324) == [1]  # even when p is 0 in float32 (found by fuzzing the HTTP API)
     # Rows are filtered independently; kept scores are unchanged.
     two = torch.cat((scores, scores.flip(-1)))
     filtered = top_p_filter(two, 0.7)

@@ -1,6 +1,7 @@
 """The training loop: accumulation equals the full batch, a resumed run equals an uninterrupted one,
 and a broken loss never reaches a checkpoint."""
 
+import copy
 import json
 
 import pytest
@@ -176,3 +177,28 @@ def test_adamw_decays_matrices_only_and_adam_keeps_the_papers_optimizer():
     adamw.step()
     torch.testing.assert_close(weight.detach(), before_w * (1 - 0.5 * 0.1))
     torch.testing.assert_close(bias.detach(), before_b)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_the_fused_optimizer_makes_the_same_updates_as_the_per_tensor_loop(kind):
+    torch.manual_seed(0)
+    fused_model = vaswani.Transformer(vaswani.TransformerConfig.tiny(vocab_size=13))
+    loop_model, initial = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
+    section = recipe(optimizer=kind, weight_decay=0.01).train
+    fused, loop = make_optimizer(fused_model, section), make_optimizer(loop_model, section)
+    assert all(group["fused"] for group in fused.param_groups)  # CPU parameters: the fused kernel
+    for group in loop.param_groups:  # torch's plain per-tensor implementation, as the reference
+        group.update(fused=None, foreach=False)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in fused_model.parameters()]
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * (step + 1)
+            optimizer.step()
+    assert any(
+        not torch.equal(a, b) for a, b in zip(fused_model.parameters(), initial.parameters(), strict=True)
+    )
+    for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

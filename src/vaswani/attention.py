@@ -102,6 +102,7 @@ class KVCache:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.length = 0
+        self._spare: tuple[Tensor, Tensor] | None = None  # the second buffer of a growing cache's reorder
 
     @property
     def is_empty(self) -> bool:
@@ -129,10 +130,27 @@ class KVCache:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search reorders hypotheses after every step)."""
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
+        """Keep batch rows `index` (beam search reorders hypotheses after every step).
+
+        A growing cache copies only its filled positions, into a second buffer that then becomes the
+        cache: copying the whole capacity each step would cost beam search more than the step's matmuls
+        early in a long decode."""
+        if self.keys is None:
+            return
+        if self.capacity is None:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+            return
+        rows, filled = index.numel(), self.length
+        if self._spare is None or self._spare[0].size(0) != rows:
+            self._spare = (
+                self.keys.new_empty(rows, *self.keys.shape[1:]),
+                self.values.new_empty(rows, *self.values.shape[1:]),
+            )
+        spare_keys, spare_values = self._spare
+        torch.index_select(self.keys[:, :, :filled], 0, index, out=spare_keys[:, :, :filled])
+        torch.index_select(self.values[:, :, :filled], 0, index, out=spare_values[:, :, :filled])
+        self._spare = (self.keys, self.values)
+        self.keys, self.values = spare_keys, spare_values
 
 
 class MultiHeadAttention(nn.Module):

@@ -14,6 +14,7 @@
     vaswani import-hf HF_DIR RUN_DIR              (a Hugging Face Marian or BERT-family checkpoint)
     vaswani embed RUN_DIR [TEXT ...]              (sentence embeddings of an imported encoder)
     vaswani export RUN_DIR --format onnx [--out DIR]
+    vaswani serve RUN_DIR [RUN_DIR ...] [--host 127.0.0.1] [--port 8000] [--max-inputs N ...]
 
 Errors in the user's input (a bad recipe, a missing file, a corrupt checkpoint) print one line on stderr
 and exit with status 2, without a traceback. `train` stopped by SIGINT or SIGTERM saves a checkpoint, prints
@@ -74,11 +75,17 @@ def _read_inputs(texts: list[str]) -> list[str]:
 
 def _read_lines(path: str, what: str) -> list[str]:
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ValueError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory, not a file") from None
     except UnicodeDecodeError as error:
-        raise ValueError(f"{what} file {path} is not UTF-8 (byte {error.start})") from None
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{what} file {path}: line {line} is not UTF-8 (byte {error.start})") from None
+    if not lines:
+        raise ValueError(f"{what} file {path} is empty")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -172,7 +179,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_run_of(args: argparse.Namespace, task_class: type | tuple[type, ...], what: str):
     run = load_run(args.run_dir, args.checkpoint, args.device)
     if not isinstance(run.task, task_class):
-        raise ValueError(f"{args.run_dir} is a run of task {run.recipe.data.task!r}, not a {what} run")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ValueError(
+            f"{args.run_dir} is a run of task {run.recipe.data.task!r}, not {article} {what} run"
+        )
     return run
 
 
@@ -332,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_interpret_commands(sub, run_options)
     add_bench_command(sub)
     add_pretrained_commands(sub, run_options)
+    add_serve_command(sub)
     return parser
 
 
@@ -459,6 +470,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory=args.memory,
         seed=args.seed,
         out=args.out,
+        overrides={} if args.dropout is None else {"dropout": args.dropout},
     )
     results = run_benchmark(options)
     print(format_table(results))
@@ -500,6 +512,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="skip the peak-memory measurements (each one runs in a fresh process)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the token ids (default: 0)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        metavar="P",
+        help="residual and embedding dropout of every implementation (default: the size's; the paper: 0.1)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(func=cmd_bench)
 
@@ -573,6 +591,59 @@ def add_pretrained_commands(
     p.add_argument("--format", default="onnx", help="onnx (the only format)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/onnx)")
     p.set_defaults(func=cmd_export)
+
+
+# ---------------------------------------------------------------------------------------- serving
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from vaswani.serving import ServeLimits, serve
+    except ImportError as error:
+        hint = "pip install 'vaswani[serve]'"
+        raise ValueError(f"vaswani serve needs the serve extra ({hint}): {error}") from None
+
+    limits = ServeLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_inputs=args.max_inputs,
+        max_new_tokens=args.max_new_tokens,
+        max_batch_size=1 if args.no_batching else args.max_batch_size,
+        max_wait_ms=args.batch_wait_ms,
+    )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    serve(args.run_dirs, args.host, args.port, limits, args.device, args.checkpoint, args.log_level)
+    return 0
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """Add `vaswani serve` (vaswani.serving)."""
+    p = sub.add_parser(
+        "serve",
+        help="serve runs over HTTP, with a web playground",
+        description="Serve trained runs (translation, classification, language model) over HTTP: "
+        "POST /v1/translate, /v1/classify, /v1/generate, /v1/attention; GET /v1/models, /health; the "
+        "playground at /, API docs at /docs. Concurrent requests are batched dynamically. Needs the serve "
+        "extra. See docs/SERVING.md.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, named after their folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--checkpoint", help="final (default), best, averaged, last, or step_NNNNNNN")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: each recipe's, auto)")
+    p.add_argument("--threads", type=int, help="torch threads for inference (default: torch's)")
+    p.add_argument("--max-body-bytes", type=int, default=65536, help="larger bodies get 413 (default: 65536)")
+    p.add_argument("--max-inputs", type=int, default=32, help="texts in one request (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="largest max_new_tokens (default: 256)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, help="inputs that share one forward pass (default: 32)"
+    )
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more inputs (default: 5)"
+    )
+    p.add_argument("--no-batching", action="store_true", help="run every input alone (max batch size 1)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,6 +296,8 @@ def summarize_runs(run_dirs: Sequence[str | Path], split: str = "test") -> list[
             results = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not a results file ({error})") from None
+        if not isinstance(results, dict):
+            raise ValueError(f"{path}: not a results file (a JSON {type(results).__name__}, not an object)")
         found = {k: float(v) for k, get in _HEADLINE.items() if (v := get(results)) is not None}
         if not found:
             raise ValueError(f"{path}: holds none of the metrics {sorted(_HEADLINE)}")

@@ -56,6 +56,8 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     probs = torch.softmax(sorted_scores, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     remove_sorted = mass_before >= p
+    # A p below float32's smallest positive number compares as 0 and would remove every token.
+    remove_sorted[..., 0] = False
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return scores.masked_fill(remove, float("-inf"))
 
@@ -276,7 +278,6 @@ def beam_search(
     sequences: list[list[int]] = [[] for _ in range(batch_size * k)]
     done = [False] * batch_size
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
-    row_offsets = torch.arange(batch_size, device=device)[:, None] * k
     tokens = first_tokens
 
     def add_finished(b: int, hyp: Hypothesis) -> None:
@@ -292,9 +293,12 @@ def beam_search(
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)
         top_beam, top_token = top_index // vocab, top_index % vocab
 
-        new_scores = torch.full((batch_size, k), float("-inf"))
-        new_beam = torch.zeros((batch_size, k), dtype=torch.long)
-        new_token = torch.full((batch_size, k), pad_id, dtype=torch.long)
+        # The bookkeeping runs on Python lists: one tensor conversion per step instead of one small tensor
+        # operation per hypothesis (which costs more than the arithmetic it does).
+        neg_inf = float("-inf")
+        new_scores = [[neg_inf] * k for _ in range(batch_size)]
+        new_beam = [[0] * k for _ in range(batch_size)]
+        new_token = [[pad_id] * k for _ in range(batch_size)]
         scores_l, beams_l, tokens_l = top_scores.tolist(), top_beam.tolist(), top_token.tolist()
         for b in range(batch_size):
             if done[b]:
@@ -303,7 +307,7 @@ def beam_search(
             for rank, (score, beam, token) in enumerate(
                 zip(scores_l[b], beams_l[b], tokens_l[b], strict=True)
             ):
-                if score == float("-inf"):
+                if score == neg_inf:
                     break
                 if token == eos_id:
                     if rank < k:
@@ -312,18 +316,16 @@ def beam_search(
                         add_finished(b, Hypothesis(seq, score, score / lp, True))
                     continue
                 if live < k:
-                    new_scores[b, live], new_beam[b, live], new_token[b, live] = score, beam, token
+                    new_scores[b][live], new_beam[b][live], new_token[b][live] = score, beam, token
                     live += 1
-            best_live = float(new_scores[b, 0])
+            best_live = new_scores[b][0]
             if length >= limits[b]:
                 lp = length_penalty(length, alpha, length_penalty_kind)
                 for j in range(live):
-                    seq = [*sequences[b * k + int(new_beam[b, j])], int(new_token[b, j])]
-                    add_finished(
-                        b, Hypothesis(seq, float(new_scores[b, j]), float(new_scores[b, j]) / lp, False)
-                    )
+                    seq = [*sequences[b * k + new_beam[b][j]], new_token[b][j]]
+                    add_finished(b, Hypothesis(seq, new_scores[b][j], new_scores[b][j] / lp, False))
                 done[b] = True
-            elif best_live == float("-inf"):
+            elif best_live == neg_inf:
                 done[b] = True
             elif len(finished[b]) >= k:
                 # The best score a live hypothesis could still reach: its log-probability can only fall,
@@ -336,13 +338,12 @@ def beam_search(
                     done[b] = True
         if all(done):
             break
-        new_beam, new_token = new_beam.to(device), new_token.to(device)
-        origin = (row_offsets + new_beam).view(-1)
-        origin_l, token_l = origin.tolist(), new_token.view(-1).tolist()
+        origin_l = [b * k + beam for b in range(batch_size) for beam in new_beam[b]]
+        token_l = [token for row in new_token for token in row]
         sequences = [[*sequences[o], t] for o, t in zip(origin_l, token_l, strict=True)]
-        stepper.reorder(origin)
-        beam_scores = new_scores.to(device)
-        tokens = new_token.view(-1, 1)
+        stepper.reorder(torch.tensor(origin_l, device=device))
+        beam_scores = torch.tensor(new_scores, device=device)
+        tokens = torch.tensor(token_l, device=device).view(-1, 1)
 
     best = [hyps[0] for hyps in finished]
     width = max(len(h.tokens) for h in best)

@@ -40,7 +40,10 @@ def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
     # a traced (ONNX) graph: check in eager mode only.
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not ids.numel():
         return
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+    # One reduction and one read-back: on a GPU an out-of-range id would otherwise end in a device-side
+    # assert that kills the process, so the check is worth its single synchronisation.
+    low, high = torch.aminmax(ids)
+    if bool((low < 0) | (high >= vocab_size)):
         raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
 
 
@@ -110,12 +113,13 @@ class Transformer(nn.Module):
         self,
         tgt_in: Tensor,
         memory: Tensor,
-        memory_mask: Tensor,
+        memory_mask: Tensor | None,
         cache: DecoderCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """tgt_in (B, T) -> logits (B, T, V), decoder self-attention, cross-attention.
 
+        `memory_mask` (B, 1, 1, S), True = a real source token; None: every source token is real.
         With a `cache`, `tgt_in` holds only the newest tokens; their positions continue from the cache.
         """
         start = cache.length if cache is not None else 0
@@ -199,6 +203,10 @@ class _EncoderDecoderStepper:
     decoder on the newest token only; without one, it reruns the decoder on the whole prefix."""
 
     def __init__(self, model: Transformer, memory: Tensor, memory_mask: Tensor, capacity: int | None) -> None:
+        # Sources without padding need no cross-attention mask: dropping it once here spares every step and
+        # layer the mask handling and lets SDPA take its unmasked kernel (one check per generate call).
+        if bool(memory_mask.all()):
+            memory_mask = None
         self.model, self.memory, self.memory_mask = model, memory, memory_mask
         self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
         self.prefix: Tensor | None = None

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import sys
 import types
 import typing
@@ -41,6 +43,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
 DISTRIBUTED = ("ddp", "fsdp")
 PRESETS = ("base", "big", "small", "tiny")
+# What `[train] device` may name; anything else would reach torch.device and fail with a traceback.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 VISION_PRESETS = ("base", "large", "huge")  # the ViT paper's Table 1
 # Set from the tokenizer and the data, never by hand.
 DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
@@ -326,6 +330,34 @@ def _validate(recipe: Recipe) -> None:
         "must be gnmt or power",
     )
     need(t.freeze_layers >= 0, f"[train] freeze_layers = {t.freeze_layers}", "must be >= 0")
+    need(
+        DEVICE_PATTERN.fullmatch(t.device) is not None,
+        f"[train] device = {t.device!r}",
+        "must be auto, cpu, mps, cuda or cuda:N",
+    )
+    # Optional limits: None means no limit, so a value given must be a real one (0 would silently mean
+    # "no data" or "no time", a negative one nothing at all).
+    for section, obj, names in (
+        ("data", d, ("limit_train", "limit_valid", "max_sentences")),
+        ("train", t, ("max_epochs", "threads")),
+        ("decode", dec, ("top_k", "max_new_tokens")),
+    ):
+        for name in names:
+            value = getattr(obj, name)
+            need(value is None or value >= 1, f"[{section}] {name} = {value!r}", "must be >= 1 (or left out)")
+    need(
+        t.eval_bleu_sentences is None or t.eval_bleu_sentences >= 0,
+        f"[train] eval_bleu_sentences = {t.eval_bleu_sentences}",
+        "must be >= 0 (or left out for all)",
+    )
+    need(t.max_minutes is None or t.max_minutes > 0, f"[train] max_minutes = {t.max_minutes}", "must be > 0")
+    need(dec.top_p is None or 0 < dec.top_p <= 1, f"[decode] top_p = {dec.top_p}", "must be in (0, 1]")
+    # nan passes no comparison and inf passes most; either would only surface as a NaN loss much later.
+    for section, obj in (("train", t), ("decode", dec)):
+        for item in dataclasses.fields(obj):
+            value = getattr(obj, item.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"[{section}] {item.name} = {value}", "must be a finite number")
     if (t.freeze_embeddings or t.freeze_layers) and recipe.init_from is None:
         raise RecipeError("[train] freeze_embeddings / freeze_layers: only with [model] init_from")
     if d.task == "image_classification":
@@ -359,6 +391,13 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise RecipeError(f"{source}: unknown top-level key {key!r}{hint}")
+    for key in ("name", "description"):
+        if key in values and not isinstance(values[key], str):
+            raise RecipeError(f"{source}: {key} = {values[key]!r}: expected a string")
+    name = values.get("name", "run")
+    # The default run directory is runs/<name>: a recipe from elsewhere must not steer it outside runs/.
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise RecipeError(f"{source}: name = {name!r}: expected a plain name, not a path")
     data = _fill("data", DataSection, values.get("data", {}))
     recipe = Recipe(
         name=str(values.get("name", "run")),
@@ -401,6 +440,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def text_line(data: bytes, offset: int) -> int:
+    """The 1-based line number of byte `offset` in `data` (for errors about undecodable bytes)."""
+    return data.count(b"\n", 0, offset) + 1
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a TOML recipe, apply `section.key=value` overrides, validate."""
     path = Path(path)
@@ -408,8 +452,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"cannot read recipe {path}: {error}") from None
+    except UnicodeDecodeError as error:
+        line = text_line(path.read_bytes(), error.start)
+        raise RecipeError(
+            f"recipe {path}: line {line} is not UTF-8 text (byte {error.object[error.start]:#04x})"
+        ) from None
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -33,6 +33,7 @@ from vaswani.data.datasets import (
     load_classification,
     load_labeled_file,
     load_parallel_files,
+    load_text_file,
     load_tiny_shakespeare,
     load_translation,
 )
@@ -46,6 +47,7 @@ from vaswani.vision_task import ImageClassificationTask
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
 MODEL_CONFIG_FILE = "model.json"
+FILES_SPLITS = ("train", "valid", "test")
 
 
 class _Task:
@@ -88,7 +90,13 @@ class _Task:
         path = self.run_dir / MODEL_CONFIG_FILE
         if path.is_file():
             try:
-                return TransformerConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                values = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise ValueError(f"{path}: not a readable JSON file (corrupt?): {error}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: expected a JSON object of model settings")
+            try:
+                return TransformerConfig.from_dict(values)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"{path}: {error}") from None
         if self.recipe.init_from is not None:
@@ -174,6 +182,7 @@ class _Task:
 
     def _user_file(self, split: str) -> str:
         """dataset = "files": the recipe's {split}_file."""
+        _check_files_split(split)
         path = getattr(self.recipe.data, f"{split}_file", None)
         if not path:
             raise ValueError(f"[data] dataset = 'files' needs {split}_file for the {split} split")
@@ -190,6 +199,12 @@ class _Task:
             epoch=epoch,
             max_sentences=d.max_sentences,
         )
+
+
+def _check_files_split(split: str) -> None:
+    """dataset = "files" names one file (or pair) per split: train, valid and test, nothing else."""
+    if split not in FILES_SPLITS:
+        raise ValueError(f"unknown split {split!r}: dataset = 'files' has {', '.join(FILES_SPLITS)}")
 
 
 class _Source:
@@ -211,6 +226,7 @@ class TranslationTask(_Task):
     def corpus(self, split: str) -> ParallelCorpus:
         d = self.recipe.data
         if d.dataset == "files":
+            _check_files_split(split)
             src, tgt = getattr(d, f"{split}_src", None), getattr(d, f"{split}_tgt", None)
             if not src or not tgt:
                 raise ValueError(
@@ -367,7 +383,15 @@ class ClassificationTask(_Task):
 
     def _known_labels(self) -> list[str] | None:
         path = self.run_dir / LABELS_FILE
-        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            names = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (corrupt?)") from None
+        if len(names) < 2:
+            raise ValueError(f"{path}: names {len(names)} label(s); a classifier needs at least 2 (corrupt?)")
+        return names
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -498,10 +522,7 @@ class LanguageModelTask(_Task):
         d = self.recipe.data
         if d.dataset == "files":
             path = self._user_file(split)
-            try:
-                return Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"cannot read {path}: {error}") from None
+            return load_text_file(path)
         if d.dataset != "tiny_shakespeare":
             raise ValueError(
                 f"[data] dataset = {d.dataset!r}: language modelling reads tiny_shakespeare or files"
@@ -533,6 +554,11 @@ class LanguageModelTask(_Task):
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """Random window starts, drawn from a generator seeded by (seed, epoch): reproducible on resume."""
         d = self.recipe.data
+        max_len = self.model_config().max_len
+        if d.block_size > max_len:  # else the first step fails inside the model, far from the recipe key
+            raise RecipeError(
+                f"[data] block_size = {d.block_size}: longer than the model's max_len = {max_len}"
+            )
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
         high = len(self.train_stream) - d.block_size  # a window holds block_size + 1 tokens
         if high <= 0:
@@ -580,38 +606,72 @@ class LanguageModelTask(_Task):
 
     def generate(self, model: TransformerLM, prompt: str, device: torch.device, **options: Any) -> str:
         """Continue `prompt`. Options (None = the recipe's [decode] value): max_new_tokens (default: 200, or
-        what still fits in max_len), temperature (0 = greedy), top_k, top_p, generator."""
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
+        what still fits in max_len), temperature (0 = greedy), top_k, top_p, beam_size, length_penalty,
+        generator."""
+        return self.generate_batch(model, [prompt], device, **options)[0]
+
+    def generate_batch(
+        self, model: TransformerLM, prompts: list[str], device: torch.device, **options: Any
+    ) -> list[str]:
+        """Continue several prompts with the same options in one batch (`generate` for each option).
+
+        The model moves each prompt's padding to the left and masks it, so greedy and beam outputs are the
+        ones each prompt gets alone; sampled rows draw from one shared generator, so with a seed a row's
+        sample depends on the batch it is in.
+        """
+        encoded = [self.tokenizer.encode(prompt) for prompt in prompts]
         dec = self.recipe.decode
-        settings = {"temperature": dec.temperature, "top_k": dec.top_k, "top_p": dec.top_p}
-        settings.update({k: v for k, v in options.items() if v is not None})
-        room = model.config.max_len - len(ids) + 1
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
-            )
+        settings = {
+            "temperature": dec.temperature,
+            "top_k": dec.top_k,
+            "top_p": dec.top_p,
+            "beam_size": 1,
+            "length_penalty": dec.length_penalty,
+        }
+        given = {k: v for k, v in options.items() if v is not None}
+        settings.update(given)
+        if settings["beam_size"] > 1:
+            sampling = [k for k in ("top_k", "top_p") if k in given]
+            sampling += ["temperature"] if given.get("temperature", 0) != 0 else []
+            if sampling:
+                raise ValueError(
+                    f"beam_size={settings['beam_size']} searches for the best continuation; "
+                    f"{', '.join(sampling)} only apply to sampling (beam_size=1)"
+                )
         max_new = settings.get("max_new_tokens")
+        for ids in encoded:
+            if not ids:
+                raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
+            room = model.config.max_len - len(ids) + 1
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
+                )
+            if max_new is not None and max_new > room:
+                raise ValueError(
+                    f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
+                    f"(max_len {model.config.max_len})"
+                )
         if max_new is None:
-            max_new = min(200, room)
-        elif max_new > room:
-            raise ValueError(
-                f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
-                f"(max_len {model.config.max_len})"
-            )
+            max_new = min(200, model.config.max_len - max(len(ids) for ids in encoded) + 1)
         greedy = settings["temperature"] == 0
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_id
         out = model.generate(
-            torch.tensor([ids], device=device),
+            torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device),
             max_new_tokens=max_new,
-            do_sample=not greedy,
+            beam_size=settings["beam_size"],
+            length_penalty=settings["length_penalty"],
+            do_sample=not greedy and settings["beam_size"] == 1,
             temperature=1.0 if greedy else settings["temperature"],
             top_k=settings["top_k"],
             top_p=settings["top_p"],
             generator=settings.get("generator"),
         )
-        tokens, eos = out[0].tolist(), self.tokenizer.eos_id
-        return self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        eos, texts = self.tokenizer.eos_id, []
+        for tokens in out.tolist():
+            texts.append(self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens))
+        return texts
 
 
 class EncoderTask(_Task):

@@ -301,8 +301,11 @@ def load_tokenizer(path: str | os.PathLike[str]):
 
         try:
             return tokenizer_from_document(document)
-        except (KeyError, TypeError, ValueError) as error:
-            raise _tampered(path, f"pretrained tokenizer: {error}") from None
+        # sentencepiece raises RuntimeError and `tokenizers` plain Exception for a malformed model: any
+        # failure to rebuild the tokenizer from the file means the file is bad.
+        except Exception as error:
+            why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise _tampered(path, f"pretrained tokenizer: {why}") from None
     return Tokenizer.load(path)
 
 

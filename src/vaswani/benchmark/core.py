@@ -91,6 +91,9 @@ class BenchOptions:
             raise ValueError(f"--warmup {self.warmup}: must be >= 0")
         if self.repeats < 1:
             raise ValueError(f"--repeats {self.repeats}: must be >= 1")
+        dropout = self.overrides.get("dropout", 0.0)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"--dropout {dropout}: must be in [0, 1)")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -288,7 +291,8 @@ def _run(options: BenchOptions, size: Size, say: Callable[[str], None]) -> dict:
             "seed": options.seed,
             "statistic": "median over repeats of the time of one iteration",
             "label_smoothing": LABEL_SMOOTHING,
-            "optimizer": f"torch.optim.Adam(lr={ADAM['lr']}, betas={ADAM['betas']}, eps={ADAM['eps']})",
+            "optimizer": f"torch.optim.Adam(lr={ADAM['lr']}, betas={ADAM['betas']}, eps={ADAM['eps']}); "
+            "fused or not per implementation (implementations.*.optimizer)",
         },
         "size": size.to_dict(),
         "config": cfg.to_dict(),

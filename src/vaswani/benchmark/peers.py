@@ -36,6 +36,7 @@ from vaswani.config import TransformerConfig
 from vaswani.generation import beam_search, greedy_search, next_token_log_probs
 from vaswani.layers import make_token_embedding, sinusoidal_table
 from vaswani.models import Transformer, _EncoderDecoderStepper, evaluating
+from vaswani.training.trainer import adam_implementation
 
 IMPLEMENTATIONS = ("vaswani", "torch", "hf")
 LABELS = {"vaswani": "vaswani", "torch": "torch.nn.Transformer", "hf": "HF MarianMTModel"}
@@ -315,6 +316,9 @@ class Runner:
     greedy: Callable[[Tensor, int], Tensor]
     beam: Callable[[Tensor, int, int], Tensor] | None
     details: dict = field(default_factory=dict)
+    # How the implementation's own training loop builds Adam: vaswani's trainer and Hugging Face's Trainer
+    # (for torch >= 2.8) use the fused kernel; a hand-written nn.Transformer loop gets torch.optim's default.
+    optimizer_options: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -352,14 +356,17 @@ def vaswani_runner(model: Transformer) -> Runner:
     details = {
         "attention": f"attention_impl={cfg.attention_impl!r}",
         "decoding": "generation.greedy_search / beam_search on the model's KV-cache stepper",
+        "optimizer": "training.trainer.adam_implementation: fused Adam on CPU and CUDA",
     }
-    return Runner("vaswani", model, model, greedy, beam, details)
+    options = adam_implementation(list(model.parameters()))
+    return Runner("vaswani", model, model, greedy, beam, details, options)
 
 
 def torch_runner(model: TorchTransformer) -> Runner:
     details = {
         "attention": "nn.MultiheadAttention (scaled_dot_product_attention inside)",
         "decoding": "greedy: the decoder rerun on the whole prefix each step (no KV cache); no beam search",
+        "optimizer": "torch.optim.Adam with its defaults (the per-tensor loop on CPU, foreach on CUDA)",
     }
     return Runner("torch", model, model, model.greedy, None, details)
 
@@ -400,6 +407,7 @@ def hf_runner(model: nn.Module, transformers) -> Runner:
         "attention": f"attn_implementation={getattr(cfg, '_attn_implementation', None)!r}",
         "decoding": "model.generate(num_beams=1 or 4, do_sample=False, min_new_tokens=max_new_tokens)",
         "transformers": transformers.__version__,
+        "optimizer": "fused Adam, as the Trainer's default optim='adamw_torch_fused' (torch >= 2.8)",
     }
     return Runner(
         "hf",
@@ -408,6 +416,7 @@ def hf_runner(model: nn.Module, transformers) -> Runner:
         lambda src, n: run(src, n, 1),
         lambda src, n, k: run(src, n, k),
         details,
+        {"fused": True},
     )
 
 

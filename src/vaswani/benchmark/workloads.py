@@ -182,7 +182,7 @@ def autocast(precision: str, device: torch.device):
 
 
 def make_optimizer(runner: Runner) -> torch.optim.Optimizer:
-    return torch.optim.Adam(runner.model.parameters(), **ADAM)
+    return torch.optim.Adam(runner.model.parameters(), **ADAM, **runner.optimizer_options)
 
 
 def training_loss(runner: Runner, batch: Batch, pad_id: int) -> Tensor:

@@ -578,6 +578,16 @@ def load_labeled_file(
     return LabeledTexts([text for _, text, _ in rows], labels, names)
 
 
+def load_text_file(path: PathLike) -> str:
+    """A user's own text for language modelling (plain or .gz, UTF-8), exactly as written. A missing or
+    empty file, or text that is not UTF-8, raises DataError naming the file (and line)."""
+    path = Path(path)
+    text = _decode(_read_bytes(path), path)
+    if not text:
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
 # registry ----------------------------------------------------
 
 

@@ -16,7 +16,6 @@ which are reported. Anything else is an `HFImportError` naming the key and the s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,31 +60,52 @@ def read_config(directory: Path) -> dict[str, Any]:
 def read_state_dict(directory: Path) -> dict[str, Tensor]:
     """The checkpoint's tensors: model.safetensors (or its shards), else pytorch_model.bin loaded with
     `weights_only=True` (no code in the file can run)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
+
+    def load(path: Path) -> dict[str, Tensor]:
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:  # truncated, tampered, or not safetensors at all
+            raise HFImportError(f"{path}: not a readable safetensors file ({error})") from None
+
     if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
+        return load(directory / "model.safetensors")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = read_json_object(index, HFImportError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFImportError(f"{index}: no weight_map of tensor names to shard files")
         tensors: dict[str, Tensor] = {}
-        for shard in shards:
-            if "/" in shard or shard.startswith("."):
+        for shard in sorted(set(weight_map.values())):
+            # The index comes with a downloaded checkpoint: its file names must stay inside the directory.
+            if Path(shard).name != shard or shard.startswith(".") or "\\" in shard:
                 raise HFImportError(f"{index}: shard name {shard!r} points outside the directory")
-            tensors.update(load_file(str(directory / shard)))
+            tensors.update(load(directory / shard))
         return tensors
     if (directory / "pytorch_model.bin").is_file():
         try:
             state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as error:  # anything that fails to unpickle safely is refused the same way
             raise HFImportError(
-                f"{directory / 'pytorch_model.bin'}: cannot be loaded safely: {error}"
+                f"{directory / 'pytorch_model.bin'}: cannot be loaded safely: {unpickling_reason(error)}"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise HFImportError(f"{directory / 'pytorch_model.bin'}: not a state dict of tensors")
         return state
     raise HFImportError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def unpickling_reason(error: Exception) -> str:
+    """One line from torch.load(weights_only=True)'s refusal: the reason (an unsupported operand, a blocked
+    global such as posix.system). torch's full message runs over several lines and suggests retrying with
+    weights_only=False, which is not advice to pass on about a file from elsewhere."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [line for line in lines if line and not line.startswith(boilerplate)]
+    return reasons[0] if reasons else type(error).__name__
 
 
 def family_of(config: dict[str, Any]) -> str:

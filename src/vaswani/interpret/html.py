@@ -20,7 +20,9 @@ from vaswani.interpret.maps import COLORMAP, AttentionMaps, axis_names, title_of
 _TEMPLATE = "attention.html"  # next to this module; shipped as package data
 
 
-def _html_data(maps: AttentionMaps, title: str) -> dict[str, Any]:
+def attention_page_data(maps: AttentionMaps, title: str) -> dict[str, Any]:
+    """What the attention page reads: every kind, layer and head of `maps` with its tokens and colours (also
+    what `vaswani serve` answers to POST /v1/attention, for its playground)."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
@@ -55,6 +57,12 @@ def _html_data(maps: AttentionMaps, title: str) -> dict[str, Any]:
     }
 
 
+def attention_page_template() -> str:
+    """The page with its two holes (`__TITLE__`, `__DATA__`) unfilled: the server's playground fills them in
+    the browser, so that one viewer serves both the written files and the playground."""
+    return resources.files("vaswani.interpret").joinpath(_TEMPLATE).read_text(encoding="utf-8")
+
+
 def write_attention_html(maps: AttentionMaps, path: str | Path, title: str = "Attention") -> Path:
     """One self-contained HTML page (inline CSS and JavaScript, the maps embedded as JSON, nothing fetched
     from the network) to browse every attention kind, layer and head, or the mean of a layer's heads.
@@ -64,11 +72,10 @@ def write_attention_html(maps: AttentionMaps, path: str | Path, title: str = "At
     easiest to read; hovering a key shows which queries attend to it; a click pins the choice. The
     weights are stored to 4 decimals. Returns the path written.
     """
-    data = json.dumps(_html_data(maps, title), ensure_ascii=False, separators=(",", ":"))
+    data = json.dumps(attention_page_data(maps, title), ensure_ascii=False, separators=(",", ":"))
     # Inside <script>, "</script>" or "<!--" in a token would end the block: escape every "<".
     data = data.replace("<", "\\u003c")
-    template = resources.files("vaswani.interpret").joinpath(_TEMPLATE).read_text(encoding="utf-8")
-    page = template.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+    page = attention_page_template().replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -137,13 +137,29 @@ def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     (as nanoGPT does). The learning rate is 1.0 here; the schedule multiplies it."""
     betas = (t.beta1, t.beta2)
     params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (fine-tuning) stay out
+    implementation = adam_implementation(params)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=1.0, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
+        return torch.optim.Adam(
+            params, lr=1.0, betas=betas, eps=t.eps, weight_decay=t.weight_decay, **implementation
+        )
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=1.0, betas=betas, eps=t.eps)
+    return torch.optim.AdamW(groups, lr=1.0, betas=betas, eps=t.eps, **implementation)
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """`fused=True` where PyTorch has a fused Adam kernel (CPU and CUDA floating-point parameters), else
+    `foreach=True`. The same update either way; the fused kernel does it in one pass over each tensor
+    instead of about ten elementwise ops per parameter, which is most of an optimizer step's time for a
+    small model (docs/PERFORMANCE.md). torch.optim's own default on CPU is the slowest, per-tensor loop."""
+    if params and all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 @dataclass
