@@ -483,6 +483,7 @@ def npy(env: Env, name: str, array: np.ndarray) -> Path:
 
 
 # `vaswani serve` refuses everything before it binds a port; none of these may start a server.
+# fmt: off
 SERVE_CASES = [
     case("serve",     "run directory missing",         lambda e: ["serve", str(e.tmp / "missing")], "run directory not found"),
     case("serve",     "the same run twice",            lambda e: ["serve", e.run("mt"), e.run("mt")], "two runs are named"),
@@ -490,6 +491,7 @@ SERVE_CASES = [
     case("serve",     "--max-inputs 0",                lambda e: ["serve", e.run("mt"), "--max-inputs", "0"], "max_inputs=0"),
     case("serve",     "--threads 0",                   lambda e: ["serve", e.run("mt"), "--threads", "0"], "--threads"),
 ]
+# fmt: on
 
 CASES = RECIPE_CASES + DATA_CASES + RUN_CASES + WRONG_RUN_CASES + ARGUMENT_CASES + SERVE_CASES
 
