@@ -30,6 +30,7 @@ from vaswani.training.checkpoint import (
     load_training_state,
     save_checkpoint,
     sha256_file,
+    verify_checkpoint,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vaswani"
@@ -122,9 +123,23 @@ def test_a_training_state_that_runs_code_is_refused_without_running_it(tmp_path)
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     meta["sha256"]["training_state.pt"] = sha256_file(state)
     (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match="cannot be loaded safely") as info:
         load_training_state(tmp_path / "c")
     assert not marker.exists()
+    assert "\n" not in str(info.value)  # one line, without torch's advice to turn weights_only off
+
+
+@pytest.mark.parametrize("name", ["../../etc/hostname", "/etc/hostname", "..", "sub/model.safetensors"])
+def test_resuming_refuses_a_meta_json_naming_files_outside_the_checkpoint(tmp_path, name):
+    # The resume path (load_training_state) reads meta.json itself, not through runs.load_run.
+    model = vaswani.Transformer(vaswani.TransformerConfig.tiny(vocab_size=16))
+    save_checkpoint(tmp_path / "c", model, {"step": 1})
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta["sha256"][name] = "0" * 64
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    for load in (load_training_state, verify_checkpoint):
+        with pytest.raises(CheckpointError, match="points outside the checkpoint"):
+            load(tmp_path / "c")
 
 
 @pytest.mark.parametrize(

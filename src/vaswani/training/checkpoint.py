@@ -165,6 +165,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt (not valid JSON)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
         raise CheckpointError(f"{path}: corrupt (no checksums)")
+    for name in meta["sha256"]:
+        # meta.json comes with the checkpoint (a downloaded run, a resumed one): the files it names must
+        # stay inside the checkpoint, checked before any of them is opened.
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path}: file name {name!r} points outside the checkpoint")
     return meta
 
 
@@ -205,7 +210,8 @@ def load_training_state(directory: Path) -> dict[str, Any]:
     try:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to unpickle safely means the same thing here
-        raise CheckpointError(f"{directory / STATE_FILE}: cannot be loaded safely: {error}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{directory / STATE_FILE}: cannot be loaded safely: {reason}") from None
 
 
 def set_latest(checkpoints_dir: Path, name: str) -> None:
