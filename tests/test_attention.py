@@ -187,6 +187,35 @@ def test_repeated_reorders_and_appends_keep_every_rows_history():
         assert torch.equal(keys, history) and torch.equal(values, -history)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_cross_attention_over_shared_memory_equals_memory_repeated_per_beam(impl, query_len):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, impl=impl).eval()
+    sentences, beams = 3, 4
+    memory = torch.randn(sentences, 5, 16)
+    mask = torch.ones(sentences, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # a padded source
+    query = torch.randn(sentences * beams, query_len, 16)
+    for need_weights in (False, True):
+        shared, shared_w = mha(query, memory, mask=mask, need_weights=need_weights)
+        repeated, repeated_w = mha(
+            query,
+            memory.repeat_interleave(beams, 0),
+            mask=mask.repeat_interleave(beams, 0),
+            need_weights=need_weights,
+        )
+        torch.testing.assert_close(shared, repeated)
+        if need_weights:
+            torch.testing.assert_close(shared_w, repeated_w)
+    cache = KVCache()  # the decoding path: keys and values of the sentences projected once, kept
+    mha(query, memory, mask=mask, cache=cache)
+    assert cache.keys.size(0) == sentences
+    torch.testing.assert_close(mha(query, memory, mask=mask, cache=cache)[0], repeated)
+    with pytest.raises(ValueError, match="do not group"):
+        mha(torch.randn(7, 1, 16), memory, mask=mask)
+
+
 def test_attention_rejects_unknown_impl():
     with pytest.raises(ValueError, match="attention impl"):
         MultiHeadAttention(8, 2, impl="flash3")

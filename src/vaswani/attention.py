@@ -201,6 +201,8 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """query (B, Tq, d_model); `key_value` (B, Tk, d_model) for cross-attention, None for self-attention.
+        Cross-attention also takes `key_value` (B / g, Tk, d_model): rows g*i .. g*i + g - 1 of the query then
+        all attend to row i (beam search's g beams of one sentence), with `mask` of B / g rows.
 
         With a growing `cache` (self-attention), `query` holds only the new positions and the keys/values of
         earlier steps come from the cache. With a static cache (cross-attention), the keys/values of
@@ -225,6 +227,20 @@ class MultiHeadAttention(nn.Module):
                 k, v = self._split_heads(k), self._split_heads(v)
                 if cache is not None:
                     cache.set_static(k, v)
+        rows, group = q.size(0), 1
+        if key_value is not None and k.size(0) != rows:
+            # Several query rows per memory row (the beams of one source sentence in beam search): the
+            # group's queries attend together to their sentence's keys, read once rather than once a beam.
+            # Exact because cross-attention masks keys only, the same for every query of the sentence.
+            group = rows // k.size(0)
+            if group * k.size(0) != rows or (mask is not None and mask.size(0) != k.size(0)):
+                raise ValueError(f"{rows} query rows do not group over {k.size(0)} key_value rows")
+            heads, length, dim = q.shape[1:]
+            q = (
+                q.view(k.size(0), group, heads, length, dim)
+                .transpose(1, 2)
+                .reshape(k.size(0), heads, -1, dim)
+            )
         out, weights = scaled_dot_product_attention(
             q,
             k,
@@ -235,6 +251,15 @@ class MultiHeadAttention(nn.Module):
             need_weights=need_weights,
             impl=self.impl,
         )
+        if group > 1:
+            out = (
+                out.view(k.size(0), heads, group, length, dim)
+                .transpose(1, 2)
+                .reshape(rows, heads, length, dim)
+            )
+            if weights is not None:
+                weights = weights.view(k.size(0), heads, group, length, -1).transpose(1, 2)
+                weights = weights.reshape(rows, heads, length, -1)
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, d)
         return self.out_proj(out), weights

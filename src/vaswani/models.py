@@ -187,11 +187,9 @@ class Transformer(nn.Module):
             memory, memory_mask, _ = self.encode(src)
 
             def make_stepper(beams: int) -> _EncoderDecoderStepper:
+                # The encoder output is not repeated per beam: cross-attention groups a sentence's beams.
                 return _EncoderDecoderStepper(
-                    self,
-                    memory.repeat_interleave(beams, dim=0),
-                    memory_mask.repeat_interleave(beams, dim=0),
-                    capacity=int(limits.max()) if use_cache else None,
+                    self, memory, memory_mask, capacity=int(limits.max()) if use_cache else None
                 )
 
             bos = torch.full((src.size(0), 1), cfg.bos_id, dtype=torch.long, device=src.device)

@@ -67,13 +67,14 @@ def decode_flops(
 ) -> int:
     """Matmul FLOPs of KV-cache decoding of `new_tokens` tokens for `batch` sentences of `src_len` tokens.
 
-    The encoder runs once on the batch; the decoder runs on batch × beam_size rows, whose cross-attention
-    keys and values are projected once per row (vaswani repeats the encoder output for the beams first).
+    The encoder runs once on the batch, and the cross-attention keys and values are projected once per
+    sentence (the beams of a sentence share them); the decoder runs on batch × beam_size rows. An
+    implementation that repeats the encoder output for every beam (Hugging Face) does more work than this.
     """
     d, f, s, n = cfg.d_model, cfg.d_ff, src_len, new_tokens
     rows = batch * beam_size
     total = cfg.n_encoder_layers * encoder_layer_flops(cfg, batch, src_len)
-    total += cfg.n_decoder_layers * 2 * rows * s * 2 * d * d
+    total += cfg.n_decoder_layers * 2 * batch * s * 2 * d * d
     keys = n * (n + 1) // 2  # self-attention keys summed over the steps: 1 + 2 + ... + n
     per_token = 2 * (6 * d * d + 2 * d * f)
     total += cfg.n_decoder_layers * (rows * n * per_token + 4 * rows * keys * d + 4 * rows * n * s * d)

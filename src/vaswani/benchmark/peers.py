@@ -331,8 +331,6 @@ def vaswani_runner(model: Transformer) -> Runner:
 
     def start(src: Tensor, new_tokens: int, beams: int):
         memory, mask, _ = model.encode(src)
-        if beams > 1:
-            memory, mask = memory.repeat_interleave(beams, dim=0), mask.repeat_interleave(beams, dim=0)
         stepper = _EncoderDecoderStepper(model, memory, mask, capacity=new_tokens)
         first = torch.full((src.size(0) * beams, 1), cfg.bos_id, dtype=torch.long, device=src.device)
         limits = torch.full((src.size(0),), new_tokens, dtype=torch.long, device=src.device)
