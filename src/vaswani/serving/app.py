@@ -167,9 +167,12 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
             )
         return served
 
-    def check_count(texts: list[str]) -> None:
+    def check_texts(served: ServedModel, texts: list[str]) -> None:
+        """Refuse too many texts, or one the model cannot take whole."""
         if len(texts) > limits.max_inputs:
             raise RequestError(f"texts: {len(texts)} inputs; this server takes at most {limits.max_inputs}")
+        for i, text in enumerate(texts):
+            served.input_length(text, f"texts[{i}]")
 
     async def run_all(served: ServedModel, operation: str, items: list[str], options: dict) -> list[Any]:
         key = inference.batch_key(served.name, operation, options)
@@ -182,13 +185,8 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
     async def translate(request: TranslateRequest) -> dict[str, Any]:
         """Translate texts with beam search (§6.1), batched with concurrent requests."""
         served = model_for(request.model, "translate")
-        check_count(request.texts)
-        for i, text in enumerate(request.texts):
-            served.input_length(text, f"texts[{i}]")
-        if request.max_new_tokens is not None and request.max_new_tokens > limits.max_new_tokens:
-            raise RequestError(
-                f"max_new_tokens={request.max_new_tokens}: this server allows at most {limits.max_new_tokens}"
-            )
+        check_texts(served, request.texts)
+        limits.check_new_tokens(request.max_new_tokens)
         options = request.model_dump(include={"beam_size", "length_penalty", "max_new_tokens"})
         outputs = await run_all(served, "translate", request.texts, options)
         pairs = [{"text": t, "translation": o} for t, o in zip(request.texts, outputs, strict=True)]
@@ -198,9 +196,7 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
     async def classify(request: ClassifyRequest) -> dict[str, Any]:
         """Label texts, with every class's probability."""
         served = model_for(request.model, "classify")
-        check_count(request.texts)
-        for i, text in enumerate(request.texts):
-            served.input_length(text, f"texts[{i}]")
+        check_texts(served, request.texts)
         outputs = await run_all(served, "classify", request.texts, {})
         rows = [
             {"text": text, "label": max(probs, key=probs.get), "probabilities": probs}

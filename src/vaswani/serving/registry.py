@@ -48,6 +48,11 @@ class ServeLimits:
         if not 0 <= self.max_wait_ms <= 1000:
             raise ValueError(f"max_wait_ms={self.max_wait_ms} must be between 0 and 1000")
 
+    def check_new_tokens(self, asked: int | None) -> None:
+        """Refuse a request's max_new_tokens beyond the server's limit (None: the model's default)."""
+        if asked is not None and asked > self.max_new_tokens:
+            raise RequestError(f"max_new_tokens={asked}: this server allows at most {self.max_new_tokens}")
+
 
 @dataclass
 class ServedModel:
@@ -93,8 +98,7 @@ class ServedModel:
             # max_len + 1 tokens; the default keeps prompt + continuation within max_len, where the
             # playground's attention request (which re-reads them together) is accepted.
             return min(200, limits.max_new_tokens, max(1, room - 1))
-        if asked > limits.max_new_tokens:
-            raise RequestError(f"max_new_tokens={asked}: this server allows at most {limits.max_new_tokens}")
+        limits.check_new_tokens(asked)
         if asked > room:
             raise RequestError(
                 f"max_new_tokens={asked}: a prompt of {prompt_length} tokens leaves room for {room} "
