@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tiny_runs import MAX_LEN, make_run
 from vaswani.cli import main
 from vaswani.interpret import (
     AttentionMaps,
@@ -29,63 +30,20 @@ from vaswani.interpret import (
     smoothed_target_distribution,
     write_attention_html,
 )
-from vaswani.recipes import recipe_from_dict, recipe_to_toml
 from vaswani.runs import load_run
-from vaswani.tasks import LABELS_FILE, TOKENIZER_FILE, make_task
-from vaswani.tokenization import BOS_ID, Tokenizer
-from vaswani.training.checkpoint import save_checkpoint
+from vaswani.tokenization import BOS_ID
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SENTENCES = [
-    "A little girl is climbing into a wooden playhouse.",
-    "Ein kleines Mädchen klettert in ein Spielhaus aus Holz.",
-    "Two men are playing football in the park.",
-    "Zwei Männer spielen Fußball im Park.",
-    "A dog is running on the beach.",
-    "Ein Hund rennt am Strand.",
-    "Who wrote Hamlet ?",
-    "Where is the Eiffel Tower ?",
-]
 SOURCE, TARGET = "A little girl is climbing.", "Ein kleines Mädchen klettert."
-MAX_LEN = 32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_run(root: Path, task: str, tokenizer: Tokenizer) -> Path:
-    """A run directory holding a tiny random model: what `vaswani train` leaves, minus the training."""
-    recipe = recipe_from_dict(
-        {
-            "name": task,
-            "model": {"preset": "tiny", "max_len": MAX_LEN, "n_heads": 2},
-            "data": {"task": task, "dataset": "files"},
-            "train": {"device": "cpu"},
-            "decode": {"beam_size": 2, "max_new_tokens": 6},
-        }
-    )
-    run_dir = root / task
-    run_dir.mkdir(parents=True)
-    (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
-    tokenizer.save(run_dir / TOKENIZER_FILE)
-    if task == "classification":
-        (run_dir / LABELS_FILE).write_text("HUM\nLOC\nNUM\n", encoding="utf-8")
-    torch.manual_seed(0)
-    save_checkpoint(run_dir / "best", make_task(recipe, run_dir).build_model())
-    (run_dir / "FINAL").write_text("best\n", encoding="utf-8")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    return {
-        "translation": make_run(root, "translation", Tokenizer.train_bpe(SENTENCES, vocab_size=150)),
-        "classification": make_run(
-            root, "classification", Tokenizer.train_wordpiece(SENTENCES, vocab_size=150)
-        ),
-        "lm": make_run(root, "lm", Tokenizer.train_chars([*SENTENCES, "\n"])),
-    }
+    return {task: make_run(root, task, task) for task in ("translation", "classification", "lm")}
 
 
 @pytest.fixture(scope="module")

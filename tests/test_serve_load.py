@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from serving_fixtures import make_run
+from tiny_runs import make_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 

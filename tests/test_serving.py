@@ -16,7 +16,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from fastapi.testclient import TestClient
 
-from serving_fixtures import LABELS, MAX_LEN, make_runs
+from serving_fixtures import make_runs
+from tiny_runs import LABELS, MAX_LEN
 from vaswani.cli import main
 from vaswani.interpret import attention_maps
 from vaswani.interpret.html import attention_page_data, attention_page_template

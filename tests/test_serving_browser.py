@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-from serving_fixtures import LABELS, LiveServer, make_runs  # noqa: E402
+from serving_fixtures import LiveServer, make_runs  # noqa: E402
+from tiny_runs import LABELS  # noqa: E402
 from vaswani.serving import ServeLimits, create_app, load_models  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
