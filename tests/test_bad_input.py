@@ -403,7 +403,6 @@ ARGUMENT_CASES = [
     case("classify",  "empty string",                  lambda e: ["classify", e.run("clf"), ""], "input 1 is empty"),
     case("generate",  "empty prompt",                  lambda e: ["generate", e.run("lm"), "--prompt", ""], "prompt is empty"),
     case("generate",  "over-long prompt",              lambda e: ["generate", e.run("lm"), "--prompt", "a man " * 100], "the prompt has 600 tokens"),
-    case("generate",  "max_new_tokens past max_len",   lambda e: ["generate", e.run("lm"), "--prompt", "a", "--max-new-tokens", "500"], "max_new_tokens=500", "leaves room"),
     case("generate",  "max_new_tokens 0",              lambda e: ["generate", e.run("lm"), "--prompt", "a", "--max-new-tokens", "0"], "max_new_tokens=0"),
     case("generate",  "negative temperature",          lambda e: ["generate", e.run("lm"), "--prompt", "a", "--temperature", "-1"], "temperature=-1.0"),
     case("generate",  "NaN temperature",               lambda e: ["generate", e.run("lm"), "--prompt", "a", "--temperature", "nan"], "temperature=nan"),

@@ -169,8 +169,10 @@ def test_language_model_end_to_end_on_tiny_shakespeare(tmp_path, capsys):
     assert main(greedy) == 0
     first = capsys.readouterr().out
     assert main(greedy) == 0 and capsys.readouterr().out == first  # greedy: the same every time
-    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5000"]) == 2
-    assert "leaves room for" in capsys.readouterr().err
+    # Past max_len (256): the model reads the last 32 tokens, the windows it was trained on (block_size).
+    long = ["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "300", "--temperature", "0"]
+    assert main(long) == 0
+    assert capsys.readouterr().out.rstrip("\n").startswith(first.rstrip("\n"))
     assert main(["evaluate", str(run)]) == 0
     assert "bits per character" in capsys.readouterr().out
 

@@ -153,6 +153,7 @@ def lm_beam(
     stepper = _LMStepper(
         model,
         real.repeat_interleave(beam_size, dim=0) if padded else None,
+        window=model.config.max_len,
         capacity=prompts.size(1) + max_new_tokens,
     )
     if stepper_wrapper is not None:
@@ -272,8 +273,9 @@ def test_cached_step_logits_equal_full_step_logits_lm(padded):
     prompts = left_padded(rows)  # the steppers take left-padded prompts
     real = prompts != PAD
     with torch.no_grad():
-        cached = _LMStepper(model, real if padded else None, capacity=prompts.size(1) + 7)
-        full = _LMStepper(model, real if padded else None, capacity=None)
+        window = model.config.max_len
+        cached = _LMStepper(model, real if padded else None, window, capacity=prompts.size(1) + 7)
+        full = _LMStepper(model, real if padded else None, window, capacity=None)
         continuations = [[] for _ in rows]
         g = torch.Generator().manual_seed(1)
         tokens = prompts
@@ -339,9 +341,19 @@ def test_beam_size_one_equals_greedy(seed):
     limits = torch.tensor([10, 10, 10])
     real = prompts != PAD
     with torch.no_grad():
-        greedy = greedy_search(_LMStepper(lm, real, capacity=16), prompts, limits, EOS, PAD, (PAD, BOS))
+        greedy = greedy_search(
+            _LMStepper(lm, real, lm.config.max_len, capacity=16), prompts, limits, EOS, PAD, (PAD, BOS)
+        )
         beam = beam_search(
-            _LMStepper(lm, real, capacity=16), prompts, 3, 1, limits, EOS, PAD, (PAD, BOS), alpha=0.0
+            _LMStepper(lm, real, lm.config.max_len, capacity=16),
+            prompts,
+            3,
+            1,
+            limits,
+            EOS,
+            PAD,
+            (PAD, BOS),
+            alpha=0.0,
         )
     assert torch.equal(beam.tokens, greedy)
     assert torch.equal(lm.generate(prompts, max_new_tokens=10, beam_size=1), greedy)
@@ -861,7 +873,7 @@ def test_next_token_log_probs_bans_after_normalising():
         ({"top_k": 0}, "top_k"),
         ({"do_sample": True, "beam_size": 3}, "do_sample"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"max_new_tokens": 300}, "max_new_tokens"),  # tiny: max_len 256
+        ({"max_new_tokens": 300}, "max_new_tokens"),  # tiny: max_len 256 (an LM slides its window past it)
         ({"beam_size": 2, "length_penalty_kind": "linear"}, "length_penalty_kind"),
         ({"length_penalty_kind": "linear"}, "length_penalty_kind"),
         ({"beam_size": 2, "length_penalty": float("nan")}, "length_penalty"),
@@ -872,16 +884,61 @@ def test_next_token_log_probs_bans_after_normalising():
 def test_invalid_decoding_options_raise_value_error_naming_the_option(options, name, model_kind):
     model = make_transformer(0) if model_kind == "transformer" else make_lm(0)
     inputs = right_padded([[3, 4, 5], [6]])
+    if model_kind == "lm" and options == {"max_new_tokens": 300}:
+        assert model.generate(inputs, **options).size(1) <= 300
+        return
     with pytest.raises(ValueError, match=name):
         model.generate(inputs, **options)
 
 
-def test_lm_rejects_prompt_plus_max_new_tokens_longer_than_max_len():
+def nanogpt_greedy(model: TransformerLM, row: list[int], new: int, window: int) -> list[int]:
+    """nanoGPT's loop: at every step the model reads the last `window` tokens from position 0, no cache."""
+    tokens = list(row)
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([tokens[-window:]]))[:, -1]
+            tokens.append(int(next_token_log_probs(logits, (PAD, BOS)).argmax()))
+    return tokens[len(row) :]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("window", [16, 6])
+def test_lm_generation_past_the_window_reads_the_last_window_like_nanogpt(use_cache, window):
+    model = make_lm(3, max_len=16)
+    add_logit_bias(model, {EOS: -1e4})  # run the whole length, far past the window
+    rows = random_rows(40, [5, 2, 9])
+    batch = model.generate(left_padded(rows), max_new_tokens=30, use_cache=use_cache, context_window=window)
+    for b, row in enumerate(rows):
+        assert batch[b].tolist() == nanogpt_greedy(model, row, 30, window), f"row {b}"
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_lm_cached_equals_uncached_past_the_window(beam_size):
+    model = make_lm(4, max_len=12)
+    add_logit_bias(model, {EOS: 0.5})
+    prompts = right_padded(random_rows(41, [3, 7, 1]))
+    options = {"max_new_tokens": 25, "beam_size": beam_size, "context_window": 10}
+    cached = model.generate(prompts, use_cache=True, **options)
+    assert torch.equal(cached, model.generate(prompts, use_cache=False, **options))
+    assert_well_formed(cached, [25] * 3)
+    for b, row in enumerate(random_rows(41, [3, 7, 1])):  # and each row as if alone
+        alone = model.generate(torch.tensor([row]), **options)
+        assert content(alone[0]) == content(cached[b])
+
+
+def test_lm_prompt_longer_than_the_window_is_read_from_its_end():
+    model = make_lm(5, max_len=16)
+    row = random_rows(42, [14])[0]
+    out = model.generate(torch.tensor([row]), max_new_tokens=4, context_window=8, beam_size=1)
+    assert content(out[0])[:1] == nanogpt_greedy(model, row, 1, 8)
+
+
+def test_lm_rejects_a_bad_context_window_and_empty_prompts():
     model = make_lm(0, max_len=16)
     prompts = torch.tensor([[3] * 10])
-    model.generate(prompts, max_new_tokens=7)  # positions 0..15: fits
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(prompts, max_new_tokens=8)
+    for window in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="context_window"):
+            model.generate(prompts, max_new_tokens=2, context_window=window)
     with pytest.raises(ValueError, match="padding"):
         model.generate(torch.tensor([[3, 4], [PAD, PAD]]), max_new_tokens=2)
 

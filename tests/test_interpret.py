@@ -30,6 +30,7 @@ from vaswani.interpret import (
     smoothed_target_distribution,
     write_attention_html,
 )
+from vaswani.interpret.maps import axis_names
 from vaswani.runs import load_run
 from vaswani.tokenization import BOS_ID
 
@@ -128,6 +129,22 @@ def test_language_model_maps_and_the_models_mode_is_left_alone(runs):
     assert_maps_equal(maps.maps, expected)
     assert maps.kind == "lm" and maps.axes("decoder") == (maps.target_tokens, maps.target_tokens)
     assert maps.target_tokens[:4] == ["W", "h", "o", "_"] and "\\n" in maps.target_tokens
+    assert maps.dropped == 0 and axis_names(maps, "decoder") == ("text", "text")
+
+
+def test_language_model_maps_of_a_long_text_are_its_last_context_window(runs):
+    # What the model reads when it predicts the next token: generation slides the same window.
+    run = load_run(runs["lm"])
+    text = "Who wrote Hamlet? " * 3
+    token_ids = run.task.tokenizer.encode(text)
+    assert len(token_ids) > MAX_LEN == run.task.context_window(run.model)
+    with torch.no_grad():
+        _, expected = run.model(ids(token_ids[-MAX_LEN:]), return_attention=True)
+    maps = attention_maps(run, text)
+    assert_maps_equal(maps.maps, expected)
+    assert maps.dropped == len(token_ids) - MAX_LEN and maps.target_ids == token_ids[-MAX_LEN:]
+    assert maps.text == run.task.tokenizer.decode(token_ids[-MAX_LEN:])
+    assert axis_names(maps, "decoder") == (f"text (its last {MAX_LEN} tokens)",) * 2
 
 
 def test_readable_tokens():
@@ -151,7 +168,7 @@ def test_readable_tokens():
             "the text with [CLS] has 33 tokens; the model takes at most 32",
         ),
         ("classification", "Who ?", "x", "a target is for translation runs"),
-        ("lm", "W" * (MAX_LEN + 1), None, f"the model takes at most {MAX_LEN}"),
+        ("lm", "  ", None, "the text is empty"),
     ],
 )
 def test_empty_or_over_long_input_is_refused(runs, task, text, target, message):
@@ -270,7 +287,7 @@ def test_attention_command_for_a_classifier_draws_the_cls_plot(runs, tmp_path, c
     ("run", "extra", "message"),
     [
         ("translation", [""], "the text is empty"),
-        ("lm", ["W" * 40], "the model takes at most 32"),
+        ("lm", [" "], "the text is empty"),
         ("translation", [SOURCE, "--layer", "3"], "layer 3: the encoder self-attention has layers 1 to 2"),
         ("translation", [SOURCE, "--head", "0"], "head 0"),
         ("translation", [SOURCE, "B", "--target", TARGET], "2 texts but 1 --target"),

@@ -316,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a language model", description="Sample text.")
     run_options(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: the recipe's, else 200; past the training window (block_size) the model reads its "
+        "last window",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the recipe's)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)

@@ -392,14 +392,23 @@ class TransformerLM(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        context_window: int | None = None,
     ) -> Tensor:
         """Continue each prompt of prompt_ids (B, T) -> (B, L) new tokens (the prompt is not repeated);
         a row that produces EOS is padded after it.
 
         Prompts of different lengths are padded with pad_id (on either side); they are moved to the left
         internally and the padding is masked, so a prompt continues the same way alone or in a batch.
+
+        The model reads at most `context_window` tokens (default max_len; give the length it was trained
+        on): once prompt and continuation are longer, each step reads the last `context_window` tokens at
+        positions 0, 1, ... (nanoGPT's crop), so generation may run past max_len. Past the window every step
+        recomputes the window, because with absolute positions a shifted window changes every key.
         """
         cfg = self.config
+        window = cfg.max_len if context_window is None else context_window
+        if not isinstance(window, int) or not 1 <= window <= cfg.max_len:
+            raise ValueError(f"context_window={window!r} must be an integer from 1 to max_len={cfg.max_len}")
         options = DecodingOptions(
             beam_size, length_penalty, length_penalty_kind, do_sample, temperature, top_k, top_p, generator
         )
@@ -412,65 +421,74 @@ class TransformerLM(nn.Module):
         # Stable sort on the real flag moves padding to the left and keeps the tokens' order.
         order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices
         prompt_ids, real = prompt_ids.gather(1, order), real.gather(1, order)
-        _check_length(prompt_ids.size(1) + max_new_tokens - 1, cfg, "prompt + max_new_tokens")
         limits = torch.full((prompt_ids.size(0),), max_new_tokens, dtype=torch.long, device=prompt_ids.device)
         padded = not bool(real.all())
         with evaluating(self):
 
             def make_stepper(beams: int) -> _LMStepper:
+                # The last new token is never fed back: a row reads at most prompt + max_new - 1 tokens.
+                capacity = min(window, prompt_ids.size(1) + max_new_tokens - 1) if use_cache else None
                 return _LMStepper(
-                    self,
-                    real.repeat_interleave(beams, dim=0) if padded else None,
-                    capacity=prompt_ids.size(1) + max_new_tokens if use_cache else None,
+                    self, real.repeat_interleave(beams, dim=0) if padded else None, window, capacity
                 )
 
             return decode(make_stepper, prompt_ids, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
 
 
 class _LMStepper:
-    """A `generation.Stepper` over `TransformerLM.decode`, cached or recomputing the whole prefix.
+    """A `generation.Stepper` over `TransformerLM.decode`, cached or recomputing the whole prefix, that reads
+    at most the last `window` tokens of each row.
 
-    The first step takes the (left-padded) prompts; real tokens get positions 0, 1, ... in every row.
+    The first step takes the (left-padded) prompts; real tokens get positions 0, 1, ... in every row. A row's
+    positions count its real tokens within the window, so a prompt reads the same alone or in a batch.
     """
 
-    def __init__(self, model: TransformerLM, prompt_valid: Tensor | None, capacity: int | None) -> None:
+    def __init__(
+        self, model: TransformerLM, prompt_valid: Tensor | None, window: int, capacity: int | None
+    ) -> None:
         self.model = model
+        self.window = window
+        # A cache of `capacity` (<= window) tokens, or None: dropped at the first step past the window.
         self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
-        self.key_valid = prompt_valid  # (N, keys so far), None while no row has padding
-        self.next_positions: Tensor | None = None  # (N,) per-row position of the next token
-        self.prefix: Tensor | None = None  # uncached: every token fed so far, and its positions
-        self.prefix_positions: Tensor | None = None
+        self.valid = prompt_valid  # (N, tokens so far), None while no row has padding
+        self.tokens: Tensor | None = None  # (N, tokens so far): every token fed; uncached steps read it
+        self.next_positions: Tensor | None = None  # (N,) cached: per-row position of the next token
 
     def step(self, tokens: Tensor) -> Tensor:
         rows, new = tokens.shape
-        if self.next_positions is None:  # the prompt
-            if self.key_valid is None:
-                positions = torch.arange(new, device=tokens.device).expand(rows, new)
-            else:
-                positions = (self.key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        if self.tokens is None:
+            self.tokens = tokens
         else:
-            positions = self.next_positions[:, None] + torch.arange(new, device=tokens.device)
-            if self.key_valid is not None:
+            self.tokens = torch.cat((self.tokens, tokens), dim=1)
+            if self.valid is not None:
                 ones = torch.ones(rows, new, dtype=torch.bool, device=tokens.device)
-                self.key_valid = torch.cat((self.key_valid, ones), dim=1)
-        self.next_positions = positions[:, -1] + 1
+                self.valid = torch.cat((self.valid, ones), dim=1)
+        if self.cache is not None and self.cache.length + new > self.cache.capacity:
+            self.cache = None  # the window slides from here on: recompute it at every step
         if self.cache is not None:
-            logits, _ = self.model.decode(tokens, positions, self.key_valid, cache=self.cache)
-        else:
-            if self.prefix is None:
-                self.prefix, self.prefix_positions = tokens, positions
+            if self.next_positions is None:  # the prompt
+                positions = self._positions(self.valid, new, rows, tokens.device)
             else:
-                self.prefix = torch.cat((self.prefix, tokens), dim=1)
-                self.prefix_positions = torch.cat((self.prefix_positions, positions), dim=1)
-            logits, _ = self.model.decode(self.prefix, self.prefix_positions, self.key_valid)
+                positions = self.next_positions[:, None] + torch.arange(new, device=tokens.device)
+            self.next_positions = positions[:, -1] + 1
+            logits, _ = self.model.decode(tokens, positions, self.valid, cache=self.cache)
+            return logits[:, -1]
+        context = self.tokens[:, -self.window :]
+        valid = None if self.valid is None else self.valid[:, -self.window :]
+        positions = self._positions(valid, context.size(1), rows, tokens.device)
+        logits, _ = self.model.decode(context, positions, valid)
         return logits[:, -1]
+
+    @staticmethod
+    def _positions(valid: Tensor | None, width: int, rows: int, device: torch.device) -> Tensor:
+        if valid is None:
+            return torch.arange(width, device=device).expand(rows, width)
+        return (valid.long().cumsum(dim=1) - 1).clamp(min=0)
 
     def reorder(self, index: Tensor) -> None:
         if self.cache is not None:
             self.cache.reorder(index)
-        else:
-            self.prefix = self.prefix.index_select(0, index)
-            self.prefix_positions = self.prefix_positions.index_select(0, index)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, index)
-        self.next_positions = self.next_positions.index_select(0, index)
+            self.next_positions = self.next_positions.index_select(0, index)
+        self.tokens = self.tokens.index_select(0, index)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)

@@ -151,7 +151,7 @@ class DecodeSection:
     beam_size: int = 4  # §6.1
     length_penalty: float = 0.6  # §6.1
     length_penalty_kind: str = "gnmt"  # gnmt ((5 + |Y|) / 6)^alpha, §6.1 | power |Y|^alpha (Hugging Face)
-    max_new_tokens: int | None = None  # translation: None = source length + 50 (§6.1)
+    max_new_tokens: int | None = None  # None: source length + 50 (§6.1) / lm: 200
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None

@@ -583,9 +583,14 @@ class LanguageModelTask(_Task):
     def loss_denominator(self, batch) -> int:
         return int((batch[1] != self.tokenizer.pad_id).sum())
 
+    def context_window(self, model: TransformerLM) -> int:
+        """The most tokens the model reads at once: the windows it was trained on (positions past them were
+        never trained), within max_len. Generation slides this window; attention maps show its last one."""
+        return min(self.recipe.data.block_size, model.config.max_len)
+
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """NLL per token over the whole validation text in non-overlapping windows; bits per character."""
-        block = min(self.recipe.data.block_size, model.config.max_len)
+        block = self.context_window(model)
         stream = self.valid_stream
         n_windows = (len(stream) - 1) // block
         if n_windows == 0:
@@ -605,9 +610,9 @@ class LanguageModelTask(_Task):
         return {"valid_nll": nll, "valid_bpc": total / max(characters, 1) / math.log(2)}
 
     def generate(self, model: TransformerLM, prompt: str, device: torch.device, **options: Any) -> str:
-        """Continue `prompt`. Options (None = the recipe's [decode] value): max_new_tokens (default: 200, or
-        what still fits in max_len), temperature (0 = greedy), top_k, top_p, beam_size, length_penalty,
-        generator."""
+        """Continue `prompt`. Options (None = the recipe's [decode] value): max_new_tokens (recipe's default
+        200; the model reads the last `context_window` tokens, so the text may grow past max_len), temperature
+        (0 = greedy), top_k, top_p, beam_size, length_penalty, generator."""
         return self.generate_batch(model, [prompt], device, **options)[0]
 
     def generate_batch(
@@ -627,6 +632,7 @@ class LanguageModelTask(_Task):
             "top_p": dec.top_p,
             "beam_size": 1,
             "length_penalty": dec.length_penalty,
+            "max_new_tokens": 200 if dec.max_new_tokens is None else dec.max_new_tokens,
         }
         given = {k: v for k, v in options.items() if v is not None}
         settings.update(given)
@@ -638,28 +644,19 @@ class LanguageModelTask(_Task):
                     f"beam_size={settings['beam_size']} searches for the best continuation; "
                     f"{', '.join(sampling)} only apply to sampling (beam_size=1)"
                 )
-        max_new = settings.get("max_new_tokens")
         for ids in encoded:
             if not ids:
                 raise ValueError("the prompt is empty (or holds only characters the tokenizer does not know)")
-            room = model.config.max_len - len(ids) + 1
-            if room < 1:
+            if len(ids) > model.config.max_len:
                 raise ValueError(
                     f"the prompt has {len(ids)} tokens; the model takes at most {model.config.max_len}"
                 )
-            if max_new is not None and max_new > room:
-                raise ValueError(
-                    f"max_new_tokens={max_new}: a prompt of {len(ids)} tokens leaves room for {room} "
-                    f"(max_len {model.config.max_len})"
-                )
-        if max_new is None:
-            max_new = min(200, model.config.max_len - max(len(ids) for ids in encoded) + 1)
         greedy = settings["temperature"] == 0
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.pad_id
         out = model.generate(
             torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device),
-            max_new_tokens=max_new,
+            max_new_tokens=settings["max_new_tokens"],
             beam_size=settings["beam_size"],
             length_penalty=settings["length_penalty"],
             do_sample=not greedy and settings["beam_size"] == 1,
@@ -667,6 +664,7 @@ class LanguageModelTask(_Task):
             top_k=settings["top_k"],
             top_p=settings["top_p"],
             generator=settings.get("generator"),
+            context_window=self.context_window(model),
         )
         eos, texts = self.tokenizer.eos_id, []
         for tokens in out.tolist():

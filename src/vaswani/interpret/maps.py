@@ -55,6 +55,7 @@ class AttentionMaps:
     text, target: the input text and the target text used (the model's own translation when none was
         given); prediction: the classifier's label and probability.
     source_ids, target_ids: the ids fed to the model (the classifier adds [CLS] itself).
+    dropped: lm: the text's first tokens left out because the model reads only its last context window.
     """
 
     kind: str
@@ -66,6 +67,7 @@ class AttentionMaps:
     prediction: str | None = None
     source_ids: list[int] = field(default_factory=list)
     target_ids: list[int] = field(default_factory=list)
+    dropped: int = 0
 
     def axes(self, name: str) -> tuple[list[str], list[str]]:
         """(query tokens, key tokens) of attention kind `name`: the rows and columns of its maps."""
@@ -115,6 +117,8 @@ def axis_names(maps: AttentionMaps, name: str) -> tuple[str, str]:
     """(row name, column name) of kind `name`: "source", "target", "text" or "[CLS] + input"."""
     source = "[CLS] + input" if maps.kind == "classification" else "source"
     target = "text" if maps.kind == "lm" else "target"
+    if maps.dropped:
+        target = f"text (its last {len(maps.target_tokens)} tokens)"
     return {"encoder": (source, source), "decoder": (target, target), "cross": (target, source)}[name]
 
 
@@ -143,7 +147,9 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
 
     Translation: `text` is the source; the decoder reads "<s>" + `target`, or "<s>" + the model's own
     translation (the run's decoding settings, re-tokenized) when no target is given. Classification: the
-    model prepends [CLS] (position 0). Language model: `text` is the context. The model runs in eval mode
+    model prepends [CLS] (position 0). Language model: `text` is the context, of which the model reads the
+    last `task.context_window` tokens (the maps' `text` is then that window, `dropped` counts the tokens
+    before it). The model runs in eval mode
     without gradients, so the maps are exactly `model(..., return_attention=True)` for these ids.
     Raises ValueError, in one line, for an empty or over-long input.
     """
@@ -210,9 +216,16 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
                 "classification", tokens(ids), [], _numpy(weights), text=text, source_ids=ids
             )
         if isinstance(task, LanguageModelTask):
-            _check_fits(len(ids), cfg.max_len, "text")
+            # What the model reads when it predicts the token after `text`: its last context window.
+            window = task.context_window(model)
+            dropped = max(0, len(ids) - window)
+            ids = ids[dropped:]
             _, weights = model(tensor(ids), return_attention=True)
-            return AttentionMaps("lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids)
+            if dropped:
+                text = tokenizer.decode(ids)
+            return AttentionMaps(
+                "lm", [], tokens(ids), _numpy(weights), text=text, target_ids=ids, dropped=dropped
+            )
     raise ValueError(
         f"attention maps need a translation, classification or lm run, not {type(task).__name__}"
     )

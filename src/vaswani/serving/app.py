@@ -208,9 +208,9 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
     async def generate(request: GenerateRequest) -> dict[str, Any]:
         """Continue a prompt: sampling (temperature, top-k, top-p), greedy (temperature 0) or beam search."""
         served = model_for(request.model, "generate")
-        length = served.input_length(request.prompt, "prompt")
+        served.input_length(request.prompt, "prompt")
         options = request.model_dump(exclude={"model", "prompt"})
-        options["max_new_tokens"] = served.new_tokens(length, request.max_new_tokens, limits)
+        options["max_new_tokens"] = served.new_tokens(request.max_new_tokens, limits)
         (text,) = await run_all(served, "generate", [request.prompt], options)
         return {"model": served.name, "prompt": request.prompt, "text": text}
 
@@ -218,7 +218,8 @@ def create_app(models: dict[str, ServedModel], limits: ServeLimits | None = None
     async def attention(request: AttentionRequest) -> dict[str, Any]:
         """Every attention map (kind, layer, head) of one input: what the playground draws."""
         served = model_for(request.model, "attention")
-        served.input_length(request.text, "text")
+        # A language model reads the last context window of a longer text (prompt + continuation).
+        served.input_length(request.text, "text", fits=served.task_name != "lm")
         try:
             data = await batcher.run_alone(lambda: inference.attention(served, request.text, request.target))
         except ValueError as error:  # attention_maps' one-line refusals (an over-long target, ...)

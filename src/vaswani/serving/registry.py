@@ -74,36 +74,29 @@ class ServedModel:
             return min(self.run.recipe.data.max_len, cfg.max_len)
         return cfg.max_len
 
-    def input_length(self, text: str, what: str) -> int:
+    def input_length(self, text: str, what: str, fits: bool = True) -> int:
         """How many positions `text` takes in the model (with the [CLS] or </s> the task adds);
-        RequestError (422) if it holds no known token or does not fit."""
+        RequestError (422) if it holds no known token or (unless `fits` is False) does not fit."""
         tokenizer = self.task.tokenizer
         ids = tokenizer.encode(text)
         if not ids:
             raise RequestError(f"{what} holds no token the model knows")
         added = {"translation": len(tokenizer.suffix_ids), "classification": 1 + len(tokenizer.suffix_ids)}
         length = len(ids) + added.get(self.task_name, 0)
-        if length > self.max_tokens:
+        if fits and length > self.max_tokens:
             raise RequestError(
                 f"{what} has {length} tokens; the model {self.name!r} takes at most {self.max_tokens}"
             )
         return length
 
-    def new_tokens(self, prompt_length: int, asked: int | None, limits: ServeLimits) -> int:
-        """A language model's max_new_tokens: what was asked (refused beyond the server's limit or the room
-        the prompt leaves in max_len), else min(200, the limit, the room)."""
-        room = self.max_tokens - prompt_length + 1
+    def new_tokens(self, asked: int | None, limits: ServeLimits) -> int:
+        """A language model's max_new_tokens: what was asked (refused beyond the server's limit), else the
+        recipe's (200 unless it says) within the limit. The model slides its context window, so the
+        prompt's length sets no bound."""
         if asked is None:
-            # One short of the room: the last new token is never fed back, so generation may end at
-            # max_len + 1 tokens; the default keeps prompt + continuation within max_len, where the
-            # playground's attention request (which re-reads them together) is accepted.
-            return min(200, limits.max_new_tokens, max(1, room - 1))
+            default = self.run.recipe.decode.max_new_tokens
+            return min(200 if default is None else default, limits.max_new_tokens)
         limits.check_new_tokens(asked)
-        if asked > room:
-            raise RequestError(
-                f"max_new_tokens={asked}: a prompt of {prompt_length} tokens leaves room for {room} "
-                f"(max_len {self.max_tokens})"
-            )
         return asked
 
     def info(self) -> dict[str, Any]:
