@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vaswani.files import atomic_write_text
 
 # Validation scores plotted by `plot_training_curves`, in order: key -> (name on the plot, higher is better).
 VALID_SCORES: dict[str, tuple[str, bool]] = {
@@ -448,22 +448,6 @@ def _to_json(value: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write `obj` as indented JSON, atomically: to a temporary file in the same directory, then renamed
-    over `path`, so a reader (or a crash) never sees half a results file. numpy values and paths are
-    converted. Returns the path written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_to_json) + "\n"
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp makes the file private (0600); a results file should be as readable as any other.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `obj` as indented JSON, atomically (`vaswani.files.atomic_write_text`), so a reader (or a
+    crash) never sees half a results file. numpy values and paths are converted. Returns the path written."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_to_json) + "\n")

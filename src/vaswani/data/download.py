@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vaswani.data.paths import DataError, user_cache_dir
+from vaswani.files import temporary_beside
 
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
@@ -70,9 +70,7 @@ def download(
     ):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 (not tempfile.mkstemp's 0o600) so the final file gets the user's usual permissions
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd, tmp = temporary_beside(dest, suffix=".part")
     try:
         hashers = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
         received = 0

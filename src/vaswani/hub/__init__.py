@@ -141,9 +141,10 @@ class ImportedRun:
 def import_hf(directory: str | Path, run_dir: str | Path) -> ImportedRun:
     """Write a checkpoint as a vaswani run directory: recipe.toml, model.json, tokenizer.json, the weights
     in imported/ (FINAL names it). Marian -> a translation run; a BERT encoder -> an "encoder" run."""
+    from vaswani.files import atomic_write_text
     from vaswani.recipes import Recipe, recipe_to_toml
     from vaswani.tasks import MODEL_CONFIG_FILE, TOKENIZER_FILE
-    from vaswani.training.checkpoint import atomic_write_text, save_checkpoint
+    from vaswani.training.checkpoint import save_checkpoint
     from vaswani.training.trainer import RECIPE_FILE
 
     pretrained = read_hf(directory)

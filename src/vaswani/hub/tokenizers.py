@@ -24,6 +24,7 @@ from typing import Any
 
 import tokenizers
 
+from vaswani.files import atomic_write_text
 from vaswani.tokenization import FILE_FORMAT, FILE_VERSION
 
 KIND = "pretrained"
@@ -66,8 +67,6 @@ class _PretrainedTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """One vaswani tokenizer file (kind "pretrained"), written to a temporary file and renamed."""
-        from vaswani.training.checkpoint import atomic_write_text
-
         document = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -76,8 +75,6 @@ class _PretrainedTokenizer:
             "special": self.special,
             **self._document(),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(document, ensure_ascii=False))
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from types import FrameType
 
 import torch
 
-from vaswani.training.checkpoint import atomic_write_text
+from vaswani.files import atomic_write_text
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -30,10 +30,10 @@ from torch import nn
 from tqdm import tqdm
 
 from vaswani.evaluation import plot_training_curves, read_metrics
+from vaswani.files import atomic_write_text
 from vaswani.recipes import Recipe, TrainSection, recipe_to_toml
 from vaswani.training import distributed
 from vaswani.training.checkpoint import (
-    atomic_write_text,
     average_checkpoints,
     latest_checkpoint,
     load_weights,
