@@ -21,10 +21,12 @@ from vaswani.generation import (
     BeamSearchOutput,
     beam_search,
     check_decoding_options,
+    greedy_next_token,
     greedy_search,
     length_penalty,
     next_token_log_probs,
     sample_next_token,
+    top_k,
     top_k_filter,
     top_p_filter,
 )
@@ -849,6 +851,45 @@ def test_length_penalty_values():
     assert length_penalty(9, 0.0, "power") == 1.0
     with pytest.raises(ValueError, match="length_penalty_kind='linear'"):
         length_penalty(3, 0.6, "linear")
+
+
+@pytest.mark.parametrize("width", [7, 600, 8000, 8003, 4 * 8000, 37000])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_top_k_equals_torch_topk(width, k):
+    g = torch.Generator().manual_seed(width + k)
+    scores = torch.randn(6, width, generator=g)
+    scores[1, : width // 2] = float("-inf")  # beam search's first step: most candidates are -inf
+    scores[2, width // 3 :] = float("-inf")
+    scores[3] = torch.randint(0, 5, (width,), generator=g).float()  # ties everywhere
+    scores[4, -1] = 100.0  # the best in the last, partial block
+    values, indices = top_k(scores, min(k, width))
+    expected = scores.topk(min(k, width), dim=-1)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    assert torch.equal(scores.gather(1, indices), values)  # the indices point at those values
+    assert all(len(set(row)) == len(row) for row in indices.tolist())  # and no index twice
+    untied = [0, 1, 2, 4, 5]
+    assert torch.equal(indices[untied], expected.indices[untied])
+
+
+def test_greedy_next_token_is_the_argmax_of_the_log_probabilities_without_banned_ids():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 8000, generator=g)
+    logits[0, BOS] = logits[1, PAD] = 1e4  # the best token is banned
+    expected = next_token_log_probs(logits, (PAD, BOS)).argmax(dim=-1)
+    assert torch.equal(greedy_next_token(logits, (PAD, BOS)), expected)
+    assert int(greedy_next_token(logits)[0]) == BOS
+    half = logits.bfloat16()  # low-precision logits are compared in fp32, as next_token_log_probs does
+    assert torch.equal(greedy_next_token(half, (PAD, BOS)), next_token_log_probs(half, (PAD, BOS)).argmax(-1))
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_decoding_with_a_realistic_vocabulary_equals_plain_topk_decoding(beam_size, monkeypatch):
+    # The small-vocabulary tests never reach top_k's block path; this one does (vocabulary 8,000).
+    model = make_transformer(6, vocab_size=8000)
+    src = right_padded(random_rows(60, [6, 3, 9], high=8000))
+    fast = model.generate(src, max_new_tokens=10, beam_size=beam_size)
+    monkeypatch.setattr("vaswani.generation._TOP_K_BLOCK", 10**9)  # every width now takes torch.topk
+    assert torch.equal(model.generate(src, max_new_tokens=10, beam_size=beam_size), fast)
 
 
 def test_next_token_log_probs_bans_after_normalising():

@@ -39,6 +39,42 @@ def next_token_log_probs(logits: Tensor, banned_ids: tuple[int, ...] = ()) -> Te
     return log_probs
 
 
+# On a CPU, torch's argmax and topk over a long row run one element at a time (about 2.5 ns per element: 2 ms
+# for beam search's top 8 of 4 x 8,000 scores), while amax is vectorised; see `top_k`.
+_TOP_K_BLOCK = 64
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`scores.topk(k, dim=-1)` of 2-D scores: (values, indices), best first; the order of equal scores is
+    unspecified, as it is for topk.
+
+    On a CPU the row is cut into blocks of 64: the k best scores lie in the k blocks with the highest maxima
+    (a block holding one of them has a maximum at least the k-th best, and at most k blocks do), so topk
+    runs over those k blocks only, after one vectorised amax. Other devices call topk.
+    """
+    rows, width = scores.shape
+    if scores.device.type != "cpu" or width <= 8 * k * _TOP_K_BLOCK:
+        return scores.topk(k, dim=-1)
+    pad = (-width) % _TOP_K_BLOCK
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    blocks = scores.reshape(rows, -1, _TOP_K_BLOCK)
+    best_blocks = blocks.amax(dim=-1).topk(k, dim=-1).indices  # (rows, k)
+    gathered = blocks.gather(1, best_blocks[..., None].expand(rows, k, _TOP_K_BLOCK))
+    values, where = gathered.reshape(rows, k * _TOP_K_BLOCK).topk(k, dim=-1)
+    indices = best_blocks.gather(1, where // _TOP_K_BLOCK) * _TOP_K_BLOCK + where % _TOP_K_BLOCK
+    return values, indices
+
+
+def greedy_next_token(logits: Tensor, banned_ids: tuple[int, ...] = ()) -> Tensor:
+    """The most likely next token of each row of (N, V) logits, never a banned one. The argmax of the logits
+    is the argmax of the log-probabilities: no log-softmax is needed to pick it."""
+    scores = logits.float()
+    if banned_ids:
+        scores = scores.index_fill(-1, torch.tensor(banned_ids, device=scores.device), float("-inf"))
+    return top_k(scores, 1)[1].squeeze(-1)
+
+
 def top_k_filter(scores: Tensor, k: int) -> Tensor:
     """Keep the k highest scores of each row, -inf elsewhere (Fan et al., 2018)."""
     if k >= scores.size(-1):
@@ -219,7 +255,7 @@ def greedy_search(
         if do_sample:
             next_tokens = sample_next_token(logits, temperature, top_k, top_p, banned_ids, generator)
         else:
-            next_tokens = next_token_log_probs(logits, banned_ids).argmax(dim=-1)
+            next_tokens = greedy_next_token(logits, banned_ids)
         next_tokens = next_tokens.masked_fill(finished, pad_id)
         generated.append(next_tokens)
         finished |= (next_tokens == eos_id) | (limits <= step + 1)
@@ -290,7 +326,7 @@ def beam_search(
         log_probs = next_token_log_probs(stepper.step(tokens), banned_ids)
         vocab = log_probs.size(-1)
         candidates = (beam_scores.reshape(-1, 1) + log_probs).view(batch_size, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)
+        top_scores, top_index = top_k(candidates, min(2 * k, k * vocab))
         top_beam, top_token = top_index // vocab, top_index % vocab
 
         # The bookkeeping runs on Python lists: one tensor conversion per step instead of one small tensor
