@@ -1,8 +1,11 @@
-"""Two probes behind docs/PERFORMANCE.md's "what each optimisation bought": one Adam step of the benchmark's
-model with torch's per-tensor loop, foreach and fused implementations, and one training step eager vs
-torch.compile. Timings are interleaved and the median is reported; prints a table, writes JSON with --out.
+"""The probes behind docs/PERFORMANCE.md's "what each optimisation bought": one Adam step of the benchmark's
+model with torch's per-tensor loop, foreach and fused implementations; one training step eager vs
+torch.compile; and the token selection of one decoding step (beam search's top 2k of the beams' scores,
+greedy's argmax) with torch.topk / argmax vs `generation.top_k`. Timings are interleaved and the median is
+reported; prints a table, writes JSON with --out.
 
     python benchmarks/probes.py --size cpu --threads 2 --repeats 7 --out probes.json
+    python benchmarks/probes.py --probes selection --repeats 200
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import torch
 
 from vaswani.benchmark.workloads import ADAM, LABEL_SMOOTHING, SIZES, size_batch
+from vaswani.generation import top_k
 from vaswani.models import Transformer
 from vaswani.training.losses import label_smoothed_cross_entropy
 
@@ -63,26 +67,52 @@ def compile_probe(cfg, size, warmup: int, repeats: int) -> dict[str, float]:
     return interleaved({name: step_of(*pair) for name, pair in forwards.items()}, warmup, repeats)
 
 
+def selection_probe(size, warmup: int, repeats: int) -> dict[str, float]:
+    """Picking the next tokens from the decoding batch's scores: beam (sentences, beam x vocab), top 2 x beam;
+    greedy (sentences, vocab), the argmax."""
+    g = torch.Generator().manual_seed(0)
+    beams = torch.randn(size.decode_sentences, size.beam_size * size.vocab_size, generator=g)
+    logits = torch.randn(size.decode_sentences, size.vocab_size, generator=g)
+    k = 2 * size.beam_size
+    fns = {
+        "beam torch.topk": lambda: beams.topk(k, dim=-1),
+        "beam top_k": lambda: top_k(beams, k),
+        "greedy argmax": lambda: logits.argmax(dim=-1),
+        "greedy top_k": lambda: top_k(logits, 1),
+    }
+    return interleaved(fns, warmup, repeats)
+
+
+PROBES = ("adam", "compile", "selection")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="the compiled step compiles during warm-up")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated: {', '.join(PROBES)}")
     parser.add_argument("--out", help="also write the results as JSON")
     args = parser.parse_args()
+    chosen = args.probes.split(",")
+    if unknown := sorted(set(chosen) - set(PROBES)):
+        parser.error(f"unknown probe(s) {', '.join(unknown)}: choose from {', '.join(PROBES)}")
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]
     cfg = size.config()
     torch.manual_seed(0)
-    results = {
-        "adam_step": adam_probe(Transformer(cfg), args.warmup, args.repeats),
-        "train_step": compile_probe(cfg, size, args.warmup, args.repeats),
-    }
+    results = {}
+    if "adam" in chosen:
+        results["adam_step"] = adam_probe(Transformer(cfg), args.warmup, args.repeats)
+    if "compile" in chosen:
+        results["train_step"] = compile_probe(cfg, size, args.warmup, args.repeats)
+    if "selection" in chosen:
+        results["selection"] = selection_probe(size, args.warmup, args.repeats)
     print(f"{'probe':<12} {'variant':<16} {'median ms':>10}")
     for probe, rows in results.items():
         for variant, seconds in rows.items():
-            print(f"{probe:<12} {variant:<16} {seconds * 1e3:>10.1f}")
+            print(f"{probe:<12} {variant:<16} {seconds * 1e3:>10.3f}")
     if args.out:
         document = {"size": args.size, "threads": args.threads, "repeats": args.repeats, "seconds": results}
         with open(args.out, "w", encoding="utf-8") as f:

@@ -167,13 +167,16 @@ def _main(steps: list[list[str]]) -> int:
     dist.init_process_group(backend="gloo")
 
     for step in steps:
-        if step[0] == "copy":  # rank 0 copies; the others cannot read it before their next collective
+        if step[0] == "copy":  # rank 0 copies
             if os.environ.get("RANK", "0") == "0":
                 shutil.copytree(step[1], step[2])
-            continue
-        code = main(step)
-        if code != 0:
-            return code
+        else:
+            code = main(step)
+            if code != 0:
+                return code
+        # Rank 0 writes the checkpoints and the copies after the last collective of a step: without this
+        # barrier another rank could start the next step (a --resume reading them) before they are there.
+        dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -3,7 +3,9 @@ is what FlopCounterMode counts, its JSON has the documented schema, and `vaswani
 
 import json
 import statistics
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +255,18 @@ def test_bad_bench_options_are_one_line_errors(args, message, capsys):
 def test_bench_on_cuda_without_cuda_is_a_one_line_error(capsys):
     assert main(["bench", "--size", "tiny", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_probes_script_prints_and_writes_each_chosen_probe(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probes.py"
+    out = tmp_path / "probes.json"
+    args = ["--size", "tiny", "--threads", "1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--probes", "adam,selection"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    seconds = json.loads(out.read_text())["seconds"]
+    assert set(seconds) == {"adam_step", "selection"} and all(v > 0 for v in seconds["selection"].values())
+    assert "beam top_k" in done.stdout and "fused" in done.stdout
+    bad = subprocess.run([sys.executable, str(script), "--probes", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown probe(s) nope" in bad.stderr
