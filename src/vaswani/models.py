@@ -451,8 +451,7 @@ class _LMStepper:
         # A cache of `capacity` (<= window) tokens, or None: dropped at the first step past the window.
         self.cache = DecoderCache(len(model.decoder.layers), capacity) if capacity is not None else None
         self.valid = prompt_valid  # (N, tokens so far), None while no row has padding
-        self.tokens: Tensor | None = None  # (N, tokens so far): every token fed; uncached steps read it
-        self.next_positions: Tensor | None = None  # (N,) cached: per-row position of the next token
+        self.tokens: Tensor | None = None  # (N, tokens so far): every token fed
 
     def step(self, tokens: Tensor) -> Tensor:
         rows, new = tokens.shape
@@ -465,12 +464,8 @@ class _LMStepper:
                 self.valid = torch.cat((self.valid, ones), dim=1)
         if self.cache is not None and self.cache.length + new > self.cache.capacity:
             self.cache = None  # the window slides from here on: recompute it at every step
-        if self.cache is not None:
-            if self.next_positions is None:  # the prompt
-                positions = self._positions(self.valid, new, rows, tokens.device)
-            else:
-                positions = self.next_positions[:, None] + torch.arange(new, device=tokens.device)
-            self.next_positions = positions[:, -1] + 1
+        if self.cache is not None:  # every token so far fits the window: feed only the new ones
+            positions = self._positions(self.valid, self.tokens.size(1), rows, tokens.device)[:, -new:]
             logits, _ = self.model.decode(tokens, positions, self.valid, cache=self.cache)
             return logits[:, -1]
         context = self.tokens[:, -self.window :]
@@ -488,7 +483,6 @@ class _LMStepper:
     def reorder(self, index: Tensor) -> None:
         if self.cache is not None:
             self.cache.reorder(index)
-            self.next_positions = self.next_positions.index_select(0, index)
         self.tokens = self.tokens.index_select(0, index)
         if self.valid is not None:
             self.valid = self.valid.index_select(0, index)

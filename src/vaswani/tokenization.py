@@ -220,7 +220,6 @@ class Tokenizer:
 
         Written to a temporary file and renamed, so an interrupted save never leaves a half-written file.
         """
-        path = Path(path)
         document = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
