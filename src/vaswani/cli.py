@@ -7,6 +7,7 @@
     vaswani generate RUN_DIR --prompt TEXT
     vaswani average RUN_DIR --last N
     vaswani summarize RUN_DIR [RUN_DIR ...] [--split test]   (mean ± std over seeds)
+    vaswani crossvalidate CONFIG --out DIR [--folds 5] [--fold K ...] [--set key=value ...]   (train + valid)
     vaswani attention RUN_DIR TEXT [TEXT ...] [--target TEXT] [--layer L --head H] [--html]
     vaswani attention RUN_DIR [IMAGE ...] [--image-index N ...] [--split NAME]     (an image run)
     vaswani plot {positional,masks,lr,label-smoothing,all} [--out DIR]
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from vaswani.crossvalidation import crossvalidate, format_crossvalidation
 from vaswani.data.images import read_image_file
 from vaswani.data.paths import DataError
 from vaswani.evaluation import format_confusion_matrix, plot_confusion_matrix, summarize_runs, write_json
@@ -259,6 +261,22 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crossvalidate(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
+    cv = crossvalidate(
+        lambda: load_recipe(args.config, overrides),
+        Path(args.out),
+        k=args.folds,
+        seed=args.seed,
+        only=args.fold or None,
+        say=lambda message: print(message, file=sys.stderr),
+    )
+    print(format_crossvalidation(cv))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -344,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="the results_<split>.json to read (default: test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser(
+        "crossvalidate",
+        help="k-fold cross-validation of a classification recipe on train + valid",
+        description="Train one run per fold of train + valid (stratified) and report held-out accuracy "
+        "and NLL per fold and as mean ± std. The test split is never read. Finished folds in --out are kept.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="a classification or image-classification recipe")
+    p.add_argument("--out", required=True, help="directory for the fold runs and crossvalidation.json")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument(
+        "--fold", type=int, action="append", default=[], metavar="K", help="train only fold K (repeatable)"
+    )
+    p.add_argument("--seed", type=int, default=123, help="seed of the fold assignment (default 123)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.dropout=0.3"
+    )
+    p.add_argument("--data-dir", help="where the datasets are (default: as for train)")
+    p.set_defaults(func=cmd_crossvalidate)
     add_interpret_commands(sub, run_options)
     add_bench_command(sub)
     add_pretrained_commands(sub, run_options)

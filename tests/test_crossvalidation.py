@@ -1,0 +1,106 @@
+"""k-fold cross-validation (`vaswani crossvalidate`): folds are a stratified partition of train + valid,
+each fold's score is its own held-out data scored by the weights it names, the test split is never read,
+and finished folds are kept."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vaswani.vision_task
+from vaswani.cli import main
+from vaswani.crossvalidation import FOLD_FILE, RESULT_FILE, crossvalidate, stratified_folds
+from vaswani.recipes import load_recipe
+from vaswani.runs import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = [
+    "train.max_steps=24",
+    "train.eval_every=12",
+    "train.save_every=12",
+    "train.average_last=2",
+    "train.warmup_steps=4",
+    "train.lr_schedule='constant'",
+    "train.lr=3e-3",
+    "train.progress=false",
+    "train.threads=1",
+    "model.n_encoder_layers=1",
+    "model.d_model=16",
+    "model.d_ff=32",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 4), min_size=6, max_size=80), k=st.integers(2, 6), seed=st.integers(0, 9)
+)
+def test_folds_partition_the_examples_and_share_every_class_evenly(labels, k, seed):
+    if len(labels) < k:
+        with pytest.raises(ValueError, match="cannot make"):
+            stratified_folds(labels, k, seed)
+        return
+    folds = stratified_folds(labels, k, seed)
+    assert len(folds) == k
+    assert sorted(i for f in folds for i in f) == list(range(len(labels)))
+    for label, count in Counter(labels).items():
+        per_fold = [sum(labels[i] == label for i in f) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == count
+    assert folds == stratified_folds(labels, k, seed)  # seeded: the same folds every time
+
+
+def test_fewer_than_two_folds_is_refused():
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        stratified_folds([0, 1, 0, 1], 1, 0)
+
+
+def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_split(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    read = []
+    real_load = vaswani.vision_task.load_images
+
+    def recording_load(name, split, data_dir=None):
+        read.append(split)
+        return real_load(name, split, data_dir=data_dir)
+
+    monkeypatch.setattr(vaswani.vision_task, "load_images", recording_load)
+    recipe = lambda: load_recipe(ROOT / "configs" / "digits_vit.toml", TINY_VIT)  # noqa: E731
+    out = tmp_path / "cv"
+    cv = crossvalidate(recipe, out, k=3, only=[0, 1], say=lambda _: None)
+    assert "test" not in read and set(read) == {"train", "valid"}
+    assert [f.fold for f in cv.folds] == [0, 1]
+
+    train, valid = real_load("digits", "train"), real_load("digits", "valid")
+    pool_images = torch.cat([train.unit_tensor(), valid.unit_tensor()])
+    pool_labels = torch.tensor(train.labels + valid.labels)
+    folds = stratified_folds(pool_labels.tolist(), 3, 123)
+    for result in cv.folds:
+        assert result.n_held_out == len(folds[result.fold]) and result.n_train + result.n_held_out == 1438
+        assert result.step == 24
+        # The recorded score is the held-out fold scored by the last step's weights, recomputed here.
+        run = load_run(out / f"fold_{result.fold}", f"step_{24:07d}")
+        held = torch.tensor(folds[result.fold])
+        probs = run.task.predict(run.model, pool_images[held], torch.device("cpu"))
+        accuracy = (probs.argmax(-1) == pool_labels[held]).float().mean().item()
+        assert result.accuracy == pytest.approx(accuracy, abs=1e-6)
+        assert result.averaged_accuracy is not None and 0.0 <= result.averaged_accuracy <= 1.0
+
+    # Finished folds are kept, the missing one is trained, and the summary covers all three.
+    before = (out / "fold_0" / FOLD_FILE).stat().st_mtime_ns
+    assert (
+        main(
+            ["crossvalidate", str(ROOT / "configs" / "digits_vit.toml"), "--out", str(out), "--folds", "3"]
+            + [a for s in TINY_VIT for a in ("--set", s)]
+        )
+        == 0
+    )
+    assert (out / "fold_0" / FOLD_FILE).stat().st_mtime_ns == before
+    summary = json.loads((out / RESULT_FILE).read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
+    accuracies = [f["accuracy"] for f in summary["folds"]]
+    assert summary["summary"]["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 3)
