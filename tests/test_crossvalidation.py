@@ -1,6 +1,7 @@
 """k-fold cross-validation (`vaswani crossvalidate`): folds are a stratified partition of train + valid,
 each fold's score is its own held-out data scored by the weights it names, the test split is never read,
-and finished folds are kept."""
+and finished folds are kept. After the settings are chosen, a final model may train on train + valid
+(`data.train_split = "train+valid"`), never on the test split."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +18,9 @@ from hypothesis import strategies as st
 import vaswani.vision_task
 from vaswani.cli import main
 from vaswani.crossvalidation import FOLD_FILE, RESULT_FILE, crossvalidate, stratified_folds
-from vaswani.recipes import load_recipe
+from vaswani.data.datasets import LabeledTexts
+from vaswani.data.images import load_digits
+from vaswani.recipes import RecipeError, load_recipe
 from vaswani.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +108,38 @@ def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_sp
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     accuracies = [f["accuracy"] for f in summary["folds"]]
     assert summary["summary"]["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 3)
+
+
+def test_a_final_model_can_train_on_train_plus_valid(tmp_path):
+    pytest.importorskip("sklearn")
+    recipe = load_recipe(ROOT / "configs" / "digits_vit.toml", ["data.train_split='train+valid'"])
+    task = vaswani.vision_task.ImageClassificationTask(recipe, tmp_path / "run")
+    train, valid = load_digits("train"), load_digits("valid")
+    joined = task.train_data
+    assert len(joined) == len(train) + len(valid) == 1438
+    assert joined.labels == train.labels + valid.labels
+    assert np.array_equal(joined.images, np.concatenate([train.images, valid.images]))
+    assert len(task.valid_data) == len(valid)  # validation still reads its own split
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ("train+test", "holds the test split 'test'"),
+        ("train+train", "must name each split once"),
+        ("train+", "must name each split once"),
+    ],
+)
+def test_train_split_that_repeats_a_split_or_holds_the_test_split_is_refused(split, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(ROOT / "configs" / "trec.toml", [f"data.train_split='{split}'"])
+
+
+def test_labeled_texts_join_and_subset():
+    a = LabeledTexts(["x", "y"], [0, 1], ["neg", "pos"])
+    b = LabeledTexts(["z"], [1], ["neg", "pos"])
+    joined = LabeledTexts.join([a, b])
+    assert (joined.texts, joined.labels, joined.label_names) == (["x", "y", "z"], [0, 1, 1], ["neg", "pos"])
+    assert LabeledTexts.join([a]) is a
+    part = joined.subset([2, 0])
+    assert (part.texts, part.labels) == (["z", "x"], [1, 0])

@@ -23,10 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from vaswani.data.datasets import LabeledTexts
-from vaswani.data.images import ImageSet
 from vaswani.evaluation import write_json
 from vaswani.recipes import Recipe
 from vaswani.tasks import make_task
@@ -80,19 +76,6 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[list[int]
     return [sorted(f) for f in folds]
 
 
-def _pool(train, valid):
-    if isinstance(train, ImageSet):
-        images = np.concatenate([train.images, valid.images])
-        return ImageSet(images, train.labels + valid.labels, train.label_names, train.pixel_max)
-    return LabeledTexts(train.texts + valid.texts, train.labels + valid.labels, train.label_names)
-
-
-def _subset(data, indices: list[int]):
-    if isinstance(data, ImageSet):
-        return data.subset(indices)
-    return LabeledTexts([data.texts[i] for i in indices], [data.labels[i] for i in indices], data.label_names)
-
-
 def _read_fold(path: Path) -> FoldResult:
     try:
         return FoldResult(**json.loads(path.read_text(encoding="utf-8")))
@@ -134,7 +117,7 @@ def crossvalidate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     probe = make_task(recipe, out_dir / "pool")
-    pool = _pool(probe.train_data, probe.valid_data)
+    pool = type(probe.train_data).join([probe.train_data, probe.valid_data])
     shutil.rmtree(out_dir / "pool", ignore_errors=True)  # the probe may have written the label names
     folds = stratified_folds(pool.labels, k, seed)
     for fold in wanted:
@@ -147,8 +130,8 @@ def crossvalidate(
         rest = sorted(i for j, f in enumerate(folds) if j != fold for i in f)
         fold_recipe = recipe_factory()
         task = make_task(fold_recipe, run_dir)
-        task.train_data = _subset(pool, rest)  # cached_property: assigning replaces what it would load
-        task.valid_data = _subset(pool, held)
+        task.train_data = pool.subset(rest)  # cached_property: assigning replaces what it would load
+        task.valid_data = pool.subset(held)
         say(f"fold {fold}: training on {len(rest)}, holding out {len(held)}")
         Trainer(fold_recipe, task, run_dir).fit()
         step, last, averaged = _held_out_scores(run_dir)

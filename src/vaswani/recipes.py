@@ -297,6 +297,17 @@ def _validate(recipe: Recipe) -> None:
         "the gradient scaler of fp16 is not supported with FSDP here: use bf16",
     )
     need(t.weight_decay >= 0, f"[train] weight_decay = {t.weight_decay}", "must be >= 0")
+    parts = d.train_split.split("+")
+    need(
+        all(parts) and len(set(parts)) == len(parts),
+        f"[data] train_split = {d.train_split!r}",
+        "must name each split once, joined by '+' (e.g. 'train+valid')",
+    )
+    need(
+        d.test_split not in parts,
+        f"[data] train_split = {d.train_split!r}",
+        f"holds the test split {d.test_split!r}: a model trained on it cannot be scored on it",
+    )
     need(0.0 <= d.word_dropout < 1.0, f"[data] word_dropout = {d.word_dropout}", "must be in [0, 1)")
     for section, obj, names in (
         ("data", d, ("vocab_size", "max_tokens", "max_len", "block_size", "batch_size", "windows_per_epoch")),

@@ -379,7 +379,10 @@ class ClassificationTask(_Task):
         if d.dataset == "files":
             path = self._user_file(split)
             return load_labeled_file(path, d.text_column, d.label_column, label_names=self._known_labels())
-        return load_classification(d.dataset, self._split_name(split), data_dir=d.data_dir)
+        parts = self._split_name(split).split("+")  # "train+valid": see ImageClassificationTask.data
+        return LabeledTexts.join(
+            [load_classification(d.dataset, part, data_dir=d.data_dir) for part in parts]
+        )
 
     def _known_labels(self) -> list[str] | None:
         path = self.run_dir / LABELS_FILE

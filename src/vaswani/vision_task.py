@@ -66,7 +66,9 @@ class ImageClassificationTask:
     def data(self, split: str) -> ImageSet:
         d = self.recipe.data
         name = {"train": d.train_split, "valid": d.valid_split, "test": d.test_split}.get(split, split)
-        return load_images(d.dataset, name, data_dir=d.data_dir)
+        # "train+valid": after the settings are chosen, the final model may learn from both (then the
+        # validation scores are not held out; see the recipe's comment).
+        return ImageSet.join([load_images(d.dataset, part, data_dir=d.data_dir) for part in name.split("+")])
 
     @cached_property
     def train_data(self) -> ImageSet:

@@ -67,6 +67,20 @@ class LabeledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @staticmethod
+    def join(parts: Sequence[LabeledTexts]) -> LabeledTexts:
+        """The parts one after another (they share their label names, as the splits of a dataset do)."""
+        if len(parts) == 1:
+            return parts[0]
+        return LabeledTexts(
+            [t for p in parts for t in p.texts], [y for p in parts for y in p.labels], parts[0].label_names
+        )
+
+    def subset(self, indices: Sequence[int]) -> LabeledTexts:
+        return LabeledTexts(
+            [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names
+        )
+
 
 # helpers -----------------------------------------------------
 

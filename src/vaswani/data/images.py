@@ -24,7 +24,7 @@ import functools
 import gzip
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,16 @@ class ImageSet:
     def subset(self, indices: list[int]) -> ImageSet:
         return ImageSet(
             self.images[indices], [self.labels[i] for i in indices], self.label_names, self.pixel_max
+        )
+
+    @staticmethod
+    def join(parts: Sequence[ImageSet]) -> ImageSet:
+        """The parts one after another (the splits of one dataset: same labels, image shape, pixel range)."""
+        if len(parts) == 1:
+            return parts[0]
+        images = np.concatenate([p.images for p in parts])
+        return ImageSet(
+            images, [y for p in parts for y in p.labels], parts[0].label_names, parts[0].pixel_max
         )
 
 
