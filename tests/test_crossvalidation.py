@@ -5,6 +5,7 @@ and finished folds are kept. After the settings are chosen, a final model may tr
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_sp
         return real_load(name, split, data_dir=data_dir)
 
     monkeypatch.setattr(vaswani.vision_task, "load_images", recording_load)
-    recipe = lambda: load_recipe(ROOT / "configs" / "digits_vit.toml", TINY_VIT)  # noqa: E731
+    recipe = functools.partial(load_recipe, ROOT / "configs" / "digits_vit.toml", TINY_VIT)
     out = tmp_path / "cv"
     cv = crossvalidate(recipe, out, k=3, only=[0, 1], say=lambda _: None)
     assert "test" not in read and set(read) == {"train", "valid"}
@@ -143,3 +144,15 @@ def test_labeled_texts_join_and_subset():
     assert LabeledTexts.join([a]) is a
     part = joined.subset([2, 0])
     assert (part.texts, part.labels) == (["z", "x"], [1, 0])
+
+
+def test_the_pool_is_train_plus_valid_once_whether_or_not_the_recipe_already_trains_on_both(tmp_path):
+    pytest.importorskip("sklearn")
+    quick = [*TINY_VIT, "train.max_steps=1", "train.eval_every=1", "train.save_every=1"]
+    sizes = {}
+    for split in ("train", "train+valid"):
+        overrides = [*quick, f"data.train_split='{split}'"]
+        recipe = functools.partial(load_recipe, ROOT / "configs" / "digits_vit.toml", overrides)
+        (result,) = crossvalidate(recipe, tmp_path / split, k=2, only=[1], say=lambda _: None).folds
+        sizes[split] = (result.n_train, result.n_held_out)
+    assert sizes["train"] == sizes["train+valid"] and sum(sizes["train"]) == 1438

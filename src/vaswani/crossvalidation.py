@@ -117,7 +117,10 @@ def crossvalidate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     probe = make_task(recipe, out_dir / "pool")
-    pool = type(probe.train_data).join([probe.train_data, probe.valid_data])
+    if recipe.data.valid_split in recipe.data.train_split.split("+"):
+        pool = probe.train_data  # a final model's recipe ("train+valid"): its training data is the pool
+    else:
+        pool = type(probe.train_data).join([probe.train_data, probe.valid_data])
     shutil.rmtree(out_dir / "pool", ignore_errors=True)  # the probe may have written the label names
     folds = stratified_folds(pool.labels, k, seed)
     for fold in wanted:
