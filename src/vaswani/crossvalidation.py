@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import statistics
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,12 +117,12 @@ def crossvalidate(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = make_task(recipe, out_dir / "pool")
-    if recipe.data.valid_split in recipe.data.train_split.split("+"):
-        pool = probe.train_data  # a final model's recipe ("train+valid"): its training data is the pool
-    else:
-        pool = type(probe.train_data).join([probe.train_data, probe.valid_data])
-    shutil.rmtree(out_dir / "pool", ignore_errors=True)  # the probe may have written the label names
+    with tempfile.TemporaryDirectory() as scratch:  # the probe task only reads the data; it owns no run
+        probe = make_task(recipe, Path(scratch))
+        if recipe.data.valid_split in recipe.data.train_split.split("+"):
+            pool = probe.train_data  # a final model's recipe ("train+valid"): its training data is the pool
+        else:
+            pool = type(probe.train_data).join([probe.train_data, probe.valid_data])
     folds = stratified_folds(pool.labels, k, seed)
     for fold in wanted:
         run_dir = out_dir / f"fold_{fold}"
