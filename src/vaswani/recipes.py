@@ -80,7 +80,7 @@ class DataSection:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
-    train_split: str = "train"
+    train_split: str = "train"  # may join splits, "train+valid": a final model once the settings are chosen
     valid_split: str = "valid"
     test_split: str = "test"
     limit_train: int | None = None  # use only the first N training examples (quick runs, tests)
