@@ -440,6 +440,7 @@ ARGUMENT_CASES = [
     case("crossvalidate", "more folds than examples",  lambda e: ["crossvalidate", e.world / "clf.toml", "--out", e.tmp / "cv", "--folds", "999"], "120 examples cannot make 999 folds"),
     case("crossvalidate", "--out is a file",           lambda e: ["crossvalidate", e.world / "clf.toml", "--out", e.file("cvfile", "x")], "cvfile"),
     case("crossvalidate", "a fold's result corrupt",   lambda e: ["crossvalidate", e.world / "clf.toml", "--out", e.file("cv/fold_0/fold_result.json", "{bad").parents[1], "--folds", "2", "--fold", "0"], "fold_0/fold_result.json", "not a fold result"),
+    case("crossvalidate", "its setup file corrupt",    lambda e: ["crossvalidate", e.world / "clf.toml", "--out", e.file("cv/crossvalidation_setup.json", "{bad").parent, "--folds", "2"], "crossvalidation_setup.json", "not JSON"),
     case("bench",     "unknown precision",             lambda e: ["bench", "--size", "tiny", "--precision", "fp7", "--no-memory"], "--precision 'fp7'"),
     case("bench",     "unknown implementation",        lambda e: ["bench", "--size", "tiny", "--impl", "jax", "--no-memory"], "--impl 'jax'"),
     case("bench",     "unknown workload",              lambda e: ["bench", "--size", "tiny", "--workloads", "fly", "--no-memory"], "--workloads 'fly'"),

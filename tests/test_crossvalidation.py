@@ -64,7 +64,9 @@ def test_fewer_than_two_folds_is_refused():
         stratified_folds([0, 1, 0, 1], 1, 0)
 
 
-def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_split(tmp_path, monkeypatch):
+def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_split(
+    tmp_path, monkeypatch, capsys
+):
     pytest.importorskip("sklearn")
     read = []
     real_load = vaswani.vision_task.load_images
@@ -97,14 +99,21 @@ def test_digits_folds_score_their_own_held_out_images_and_never_read_the_test_sp
 
     # Finished folds are kept, the missing one is trained, and the summary covers all three.
     before = (out / "fold_0" / FOLD_FILE).stat().st_mtime_ns
-    assert (
-        main(
-            ["crossvalidate", str(ROOT / "configs" / "digits_vit.toml"), "--out", str(out), "--folds", "3"]
-            + [a for s in TINY_VIT for a in ("--set", s)]
-        )
-        == 0
-    )
+    command = ["crossvalidate", str(ROOT / "configs" / "digits_vit.toml"), "--out", str(out), "--folds", "3"]
+    command += [a for s in TINY_VIT for a in ("--set", s)]
+    assert main(command) == 0
     assert (out / "fold_0" / FOLD_FILE).stat().st_mtime_ns == before
+    # Folds of another setting, fold count or seed are never mixed in: the directory is refused in one line.
+    capsys.readouterr()
+    for other, what in [
+        (["--set", "model.dropout=0.3"], "recipe"),
+        (["--seed", "7"], "seed"),
+        (["--folds", "4"], "k"),
+    ]:
+        assert main(command + other) == 2
+        error = f"error: {out} holds the folds of another {what}: give this one its own --out"
+        assert capsys.readouterr().err.strip() == error
+    assert main([*command, "--set", "train.threads=2", "--set", "train.progress=true"]) == 0  # how, not what
     summary = json.loads((out / RESULT_FILE).read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     accuracies = [f["accuracy"] for f in summary["folds"]]

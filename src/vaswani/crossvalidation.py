@@ -9,11 +9,13 @@ Each fold is a whole `vaswani train` run (the recipe, task and Trainer unchanged
 task's training data replaced by the other folds and its validation data by the held-out fold (for text,
 the tokenizer is trained on the fold's training texts only). A fold is scored by the weights of its last
 step and by the average of its last checkpoints, both fixed in advance: choosing the best checkpoint on
-the held-out fold would make its own score optimistic.
+the held-out fold would make its own score optimistic. `OUT/crossvalidation_setup.json` records the
+recipe, k and seed; a directory holding another's folds is refused rather than mixed in.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -25,11 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vaswani.evaluation import write_json
-from vaswani.recipes import Recipe
+from vaswani.recipes import Recipe, recipe_to_toml
 from vaswani.tasks import make_task
 from vaswani.training.trainer import Trainer
 
 RESULT_FILE = "crossvalidation.json"
+SETUP_FILE = "crossvalidation_setup.json"  # the recipe, k and seed that the folds in a directory belong to
 FOLD_FILE = "fold_result.json"  # written last in a fold's directory: its presence means the fold is done
 CROSS_VALIDATED_TASKS = ("classification", "image_classification")
 
@@ -77,6 +80,35 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[list[int]
     return [sorted(f) for f in folds]
 
 
+def _setup(recipe: Recipe, k: int, seed: int) -> dict:
+    # Threads and the progress bar change how a fold runs, not what it computes.
+    same = copy.deepcopy(recipe)
+    same.train.threads, same.train.progress = None, True
+    return {"k": k, "seed": seed, "recipe": recipe_to_toml(same)}
+
+
+def _claim(out_dir: Path, recipe: Recipe, k: int, seed: int) -> None:
+    """Record what the folds in `out_dir` are folds of, or refuse a directory that holds another's: kept
+    folds of another setting would be averaged in silently."""
+    path, wanted = out_dir / SETUP_FILE, _setup(recipe, k, seed)
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not JSON (corrupt?)") from None
+        if found != wanted:
+            what = [
+                name
+                for name in ("recipe", "k", "seed")
+                if not isinstance(found, dict) or found.get(name) != wanted[name]
+            ]
+            raise ValueError(
+                f"{out_dir} holds the folds of another {' and '.join(what)}: give this one its own --out"
+            )
+        return
+    write_json(path, wanted)
+
+
 def _read_fold(path: Path) -> FoldResult:
     try:
         return FoldResult(**json.loads(path.read_text(encoding="utf-8")))
@@ -117,6 +149,7 @@ def crossvalidate(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(out_dir, recipe, k, seed)
     with tempfile.TemporaryDirectory() as scratch:  # the probe task only reads the data; it owns no run
         probe = make_task(recipe, Path(scratch))
         if recipe.data.valid_split in recipe.data.train_split.split("+"):
