@@ -154,10 +154,6 @@ def _stratified_holdout(
     return {name: sorted(part) for name, part in parts.items()}
 
 
-def _subset(data: LabeledTexts, indices: list[int]) -> LabeledTexts:
-    return LabeledTexts([data.texts[i] for i in indices], [data.labels[i] for i in indices], data.label_names)
-
-
 # Multi30k ----------------------------------------------------
 
 MULTI30K_LANGS = ("en", "de")
@@ -298,7 +294,7 @@ def load_trec(split: str, fine: bool = False, data_dir: PathLike | None = None) 
         return data
     fine_index = {name: i for i, name in enumerate(fine_names)}
     parts = _stratified_holdout([fine_index[label] for label, _ in rows], {"valid": 0.1}, SPLIT_SEED)
-    return _subset(data, parts[split])
+    return data.subset(parts[split])
 
 
 # SST ---------------------------------------------------------
@@ -382,7 +378,7 @@ def load_bbc_news(split: str, data_dir: PathLike | None = None) -> LabeledTexts:
             texts.append(text)
             labels.append(label)
     parts = _stratified_holdout(labels, {"valid": 0.1, "test": 0.1}, SPLIT_SEED)
-    return _subset(LabeledTexts(texts, labels, list(BBC_LABELS)), parts[split])
+    return LabeledTexts(texts, labels, list(BBC_LABELS)).subset(parts[split])
 
 
 # AG News -----------------------------------------------------
@@ -457,7 +453,7 @@ def load_ag_news(split: str, data_dir: PathLike | None = None) -> LabeledTexts:
     data.label_names = names
     if split == "test":
         return data
-    return _subset(data, _stratified_holdout(data.labels, {"valid": 0.05}, SPLIT_SEED)[split])
+    return data.subset(_stratified_holdout(data.labels, {"valid": 0.05}, SPLIT_SEED)[split])
 
 
 # tiny-shakespeare --------------------------------------------
