@@ -91,11 +91,16 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
+def _recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, plus --data-dir as data.data_dir (train and crossvalidate)."""
     overrides = list(args.set)
     if args.data_dir:
         overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
-    recipe = load_recipe(args.config, overrides)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.config, _recipe_overrides(args))
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)
     task = make_task(recipe, run_dir)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one rank speaks for the job
@@ -262,9 +267,7 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_crossvalidate(args: argparse.Namespace) -> int:
-    overrides = list(args.set)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={json.dumps(args.data_dir)}")
+    overrides = _recipe_overrides(args)
     cv = crossvalidate(
         lambda: load_recipe(args.config, overrides),
         Path(args.out),
