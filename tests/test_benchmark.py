@@ -270,3 +270,43 @@ def test_the_probes_script_prints_and_writes_each_chosen_probe(tmp_path):
     assert "beam top_k" in done.stdout and "fused" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--probes", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown probe(s) nope" in bad.stderr
+
+
+def test_the_curve_comparison_script_reports_the_relative_difference(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_curves.py"
+    runs = []
+    for name, scale in (("fp32", 1.0), ("bf16", 1.02)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": s, "loss": scale * (10.0 - s / 100)} for s in (1, 50, 100)]
+        lines.append({"step": 100, "split": "valid", "valid_nll": scale * 3.0})
+        run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        runs.append(str(run))
+    out, data = tmp_path / "curves.png", tmp_path / "curves.json"
+    args = [
+        sys.executable,
+        str(script),
+        *runs,
+        "--labels",
+        "fp32",
+        "bf16",
+        "--out",
+        str(out),
+        "--json",
+        str(data),
+    ]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "bf16 against fp32: 2.00%" in result.stdout and "valid_nll at step 100: fp32 3.0000" in result.stdout
+    )
+    assert out.stat().st_size > 0
+    assert json.loads(data.read_text())["largest_relative_difference"]["bf16"] == pytest.approx(0.02)
+    missing = subprocess.run(
+        [sys.executable, str(script), runs[0], str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert (
+        missing.returncode != 0
+        and missing.stderr.strip().startswith("error:")
+        and "Traceback" not in missing.stderr
+    )
