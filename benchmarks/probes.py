@@ -1,13 +1,11 @@
 """The probes behind docs/PERFORMANCE.md's "what each optimisation bought": one Adam step of the benchmark's
 model with torch's per-tensor loop, foreach and fused implementations; one training step eager vs
 torch.compile; and the token selection of one decoding step (beam search's top 2k of the beams' scores,
-greedy's argmax) with torch.topk / argmax vs `generation.top_k`; and decoding with the decoder's weights
-prepacked vs plain F.linear (`vaswani.kernels`). Timings are interleaved and the median is
+greedy's argmax) with torch.topk / argmax vs `generation.top_k`. Timings are interleaved and the median is
 reported; prints a table, writes JSON with --out.
 
     python benchmarks/probes.py --size cpu --threads 2 --repeats 7 --out probes.json
     python benchmarks/probes.py --probes selection --repeats 200
-    python benchmarks/probes.py --probes prepack --repeats 7
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import time
 
 import torch
 
-from vaswani.benchmark.workloads import ADAM, LABEL_SMOOTHING, SIZES, autocast, size_batch
+from vaswani.benchmark.workloads import ADAM, LABEL_SMOOTHING, SIZES, size_batch
 from vaswani.generation import top_k
 from vaswani.models import Transformer
 from vaswani.training.losses import label_smoothed_cross_entropy
@@ -85,27 +83,7 @@ def selection_probe(size, warmup: int, repeats: int) -> dict[str, float]:
     return interleaved(fns, warmup, repeats)
 
 
-def prepack_probe(cfg, size, warmup: int, repeats: int) -> dict[str, float]:
-    """Decoding the benchmark's batch (greedy and beam, fp32 and bf16 autocast) with the decoder's weights
-    prepacked (`Transformer.generate`'s default on a CPU) and with plain F.linear."""
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    src = size_batch(size, cfg).decode_src
-    fns = {}
-    for precision in ("fp32", "bf16"):
-        for beam in (1, size.beam_size):
-            for prepack in (True, False):
-
-                def run(beam=beam, prepack=prepack, precision=precision) -> None:
-                    with autocast(precision, torch.device("cpu")):
-                        model.generate(src, max_new_tokens=size.new_tokens, beam_size=beam, prepack=prepack)
-
-                search = "greedy" if beam == 1 else f"beam {beam}"
-                fns[f"{search} {precision} {'packed' if prepack else 'plain'}"] = run
-    return interleaved(fns, warmup, repeats)
-
-
-PROBES = ("adam", "compile", "selection", "prepack")
+PROBES = ("adam", "compile", "selection")
 
 
 def main() -> None:
@@ -131,12 +109,10 @@ def main() -> None:
         results["train_step"] = compile_probe(cfg, size, args.warmup, args.repeats)
     if "selection" in chosen:
         results["selection"] = selection_probe(size, args.warmup, args.repeats)
-    if "prepack" in chosen:
-        results["decoding"] = prepack_probe(cfg, size, args.warmup, args.repeats)
-    print(f"{'probe':<12} {'variant':<22} {'median ms':>10}")
+    print(f"{'probe':<12} {'variant':<16} {'median ms':>10}")
     for probe, rows in results.items():
         for variant, seconds in rows.items():
-            print(f"{probe:<12} {variant:<22} {seconds * 1e3:>10.3f}")
+            print(f"{probe:<12} {variant:<16} {seconds * 1e3:>10.3f}")
     if args.out:
         document = {"size": args.size, "threads": args.threads, "repeats": args.repeats, "seconds": results}
         with open(args.out, "w", encoding="utf-8") as f:
