@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaswani import kernels
 from vaswani.config import ATTENTION_IMPLS
 
 
@@ -176,15 +175,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout, self.impl = dropout, impl
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model)) if bias else None
-        self.out_proj = kernels.Linear(d_model, d_model, bias=bias)
-        self.packs: kernels.PackedWeights | None = None  # inside kernels.prepacked only
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.reset_parameters()
-
-    def prepack(self, rows: int) -> None:
-        self.packs = kernels.PackedWeights(rows)
-
-    def unpack(self) -> None:
-        self.packs = None
 
     def reset_parameters(self) -> None:
         """Xavier-uniform for each of W^Q, W^K, W^V, W^O as its own d_model x d_model matrix; zero biases."""
@@ -219,8 +211,7 @@ class MultiHeadAttention(nn.Module):
         """
         d = self.d_model
         if key_value is None:
-            qkv = kernels.linear(self.packs, "qkv", query, self.in_proj_weight, self.in_proj_bias)
-            q, k, v = qkv.chunk(3, dim=-1)
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
             if cache is not None:
                 k, v = cache.append(k, v)
@@ -228,7 +219,7 @@ class MultiHeadAttention(nn.Module):
             bias_q = bias_kv = None
             if self.in_proj_bias is not None:
                 bias_q, bias_kv = self.in_proj_bias[:d], self.in_proj_bias[d:]
-            q = self._split_heads(kernels.linear(self.packs, "q", query, self.in_proj_weight[:d], bias_q))
+            q = self._split_heads(F.linear(query, self.in_proj_weight[:d], bias_q))
             if cache is not None and not cache.is_empty:
                 k, v = cache.keys, cache.values
             else:

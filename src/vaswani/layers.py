@@ -10,7 +10,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vaswani import kernels
 from vaswani.attention import KVCache, MultiHeadAttention
 from vaswani.config import TransformerConfig
 
@@ -27,10 +26,10 @@ class FeedForward(nn.Module):
         self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, bias: bool = True
     ) -> None:
         super().__init__()
-        self.linear1 = kernels.Linear(d_model, d_ff, bias=bias)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
         self.activation = _ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = kernels.Linear(d_ff, d_model, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

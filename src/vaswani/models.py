@@ -17,7 +17,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from vaswani import kernels
 from vaswani.attention import padding_mask
 from vaswani.config import TransformerConfig
 from vaswani.generation import DecodingOptions, decode
@@ -84,7 +83,7 @@ class Transformer(nn.Module):
         self.tgt_embed = Embeddings(cfg, tgt_tokens)
         self.encoder = Encoder(cfg, cfg.n_encoder_layers)
         self.decoder = Decoder(cfg, cfg.n_decoder_layers, cross_attention=True)
-        self.output_projection = kernels.Linear(cfg.d_model, cfg.target_vocab_size, bias=False)
+        self.output_projection = nn.Linear(cfg.d_model, cfg.target_vocab_size, bias=False)
         if cfg.tie_output:
             self.output_projection.weight = tgt_tokens.weight
         else:
@@ -165,15 +164,12 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        prepack: bool = True,
     ) -> Tensor:
         """Translate src (B, S) -> (B, L) target ids without BOS; a finished row is EOS then padding.
 
         beam_size 1 is greedy search (or sampling with `do_sample`); beam_size > 1 is beam search ranked by
         log-probability / lp(length) (§6.1: beam 4, alpha 0.6). The default `max_new_tokens` is each
         sentence's source length + 50 (§6.1), capped at max_len. Runs in eval mode, without gradients.
-        On a CPU the decoder's linear layers multiply by prepacked weights (`vaswani.kernels`; the same
-        function, faster at decoding's few rows); `prepack=False` uses plain F.linear throughout.
         """
         cfg = self.config
         options = DecodingOptions(
@@ -197,14 +193,7 @@ class Transformer(nn.Module):
                 )
 
             bos = torch.full((src.size(0), 1), cfg.bos_id, dtype=torch.long, device=src.device)
-            with self.prepacked_decoder(src.size(0) * beam_size if prepack else 0):
-                return decode(make_stepper, bos, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
-
-    def prepacked_decoder(self, rows: int):
-        """Context in which the decoder and the output projection multiply `rows`-row inputs (one decoding
-        step of `rows` sentences or beams) by prepacked weights, on a CPU (`vaswani.kernels.prepacked`).
-        `rows` 0: nothing is packed."""
-        return kernels.prepacked((self.decoder, self.output_projection), rows)
+            return decode(make_stepper, bos, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
 
 
 class _EncoderDecoderStepper:
@@ -353,7 +342,7 @@ class TransformerLM(nn.Module):
         tokens = make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id)
         self.embed = Embeddings(cfg, tokens)
         self.decoder = Decoder(cfg, cfg.n_decoder_layers, cross_attention=False)
-        self.output_projection = kernels.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output_projection = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_output:
             self.output_projection.weight = tokens.weight
         else:
@@ -404,7 +393,6 @@ class TransformerLM(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         context_window: int | None = None,
-        prepack: bool = True,
     ) -> Tensor:
         """Continue each prompt of prompt_ids (B, T) -> (B, L) new tokens (the prompt is not repeated);
         a row that produces EOS is padded after it.
@@ -416,7 +404,6 @@ class TransformerLM(nn.Module):
         on): once prompt and continuation are longer, each step reads the last `context_window` tokens at
         positions 0, 1, ... (nanoGPT's crop), so generation may run past max_len. Past the window every step
         recomputes the window, because with absolute positions a shifted window changes every key.
-        `prepack`: as in `Transformer.generate` (prepacked weights for the one-token steps on a CPU).
         """
         cfg = self.config
         window = cfg.max_len if context_window is None else context_window
@@ -445,11 +432,7 @@ class TransformerLM(nn.Module):
                     self, real.repeat_interleave(beams, dim=0) if padded else None, window, capacity
                 )
 
-            rows = prompt_ids.size(0) * beam_size if prepack else 0
-            with kernels.prepacked((self.decoder, self.output_projection), rows):
-                return decode(
-                    make_stepper, prompt_ids, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg)
-                )
+            return decode(make_stepper, prompt_ids, limits, options, cfg.eos_id, cfg.pad_id, _banned_ids(cfg))
 
 
 class _LMStepper:

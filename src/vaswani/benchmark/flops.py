@@ -34,7 +34,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaswani import kernels
 from vaswani.config import TransformerConfig
 
 
@@ -88,10 +87,9 @@ def count_flops(fn: Callable[[], object]) -> int:
 
     scaled_dot_product_attention runs on its math backend meanwhile: it decomposes into matmuls that the
     counter sees (the CPU's fused kernel is not in its table), and counts no recomputation in the backward
-    pass (FlashAttention's backward recomputes QK^T, which is hardware work, not model work). The prepacked
-    CPU linear layers of decoding (`vaswani.kernels`) are counted by their own formula.
+    pass (FlashAttention's backward recomputes QK^T, which is hardware work, not model work).
     """
-    counter = FlopCounterMode(display=False, custom_mapping=kernels.flop_formulas())
+    counter = FlopCounterMode(display=False)
     with sdpa_kernel([SDPBackend.MATH]), counter:
         fn()
     return int(counter.get_total_flops())

@@ -338,13 +338,13 @@ def vaswani_runner(model: Transformer) -> Runner:
 
     @torch.no_grad()
     def greedy(src: Tensor, new_tokens: int) -> Tensor:
-        with evaluating(model), model.prepacked_decoder(src.size(0)):
+        with evaluating(model):
             stepper, first, limits = start(src, new_tokens, 1)
             return greedy_search(stepper, first, limits, cfg.eos_id, cfg.pad_id, banned)
 
     @torch.no_grad()
     def beam(src: Tensor, new_tokens: int, beam_size: int) -> Tensor:
-        with evaluating(model), model.prepacked_decoder(src.size(0) * beam_size):
+        with evaluating(model):
             stepper, first, limits = start(src, new_tokens, beam_size)
             output = beam_search(
                 stepper, first, src.size(0), beam_size, limits, cfg.eos_id, cfg.pad_id, banned, LENGTH_PENALTY
@@ -353,8 +353,7 @@ def vaswani_runner(model: Transformer) -> Runner:
 
     details = {
         "attention": f"attention_impl={cfg.attention_impl!r}",
-        "decoding": "generation.greedy_search / beam_search on the model's KV-cache stepper, decoder weights "
-        "prepacked on a CPU (Transformer.prepacked_decoder)",
+        "decoding": "generation.greedy_search / beam_search on the model's KV-cache stepper",
         "optimizer": "training.trainer.adam_implementation: fused Adam on CPU and CUDA",
     }
     options = adam_implementation(list(model.parameters()))
