@@ -1,23 +1,28 @@
 """The probes behind docs/PERFORMANCE.md's "what each optimisation bought": one Adam step of the benchmark's
 model with torch's per-tensor loop, foreach and fused implementations; one training step eager vs
 torch.compile; and the token selection of one decoding step (beam search's top 2k of the beams' scores,
-greedy's argmax) with torch.topk / argmax vs `generation.top_k`. Timings are interleaved and the median is
-reported; prints a table, writes JSON with --out.
+greedy's argmax) with torch.topk / argmax vs `generation.top_k`; and weights prepacked by oneMKL / oneDNN
+against F.linear, for the decoding step's matmuls alone and for whole decoding (tried, not adopted).
+Timings are interleaved and the median is reported; prints a table, writes JSON with --out.
 
     python benchmarks/probes.py --size cpu --threads 2 --repeats 7 --out probes.json
     python benchmarks/probes.py --probes selection --repeats 200
+    python benchmarks/probes.py --probes prepack --repeats 41
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
-from vaswani.benchmark.workloads import ADAM, LABEL_SMOOTHING, SIZES, size_batch
+from vaswani.benchmark.workloads import ADAM, LABEL_SMOOTHING, SIZES, autocast, size_batch
 from vaswani.generation import top_k
 from vaswani.models import Transformer
 from vaswani.training.losses import label_smoothed_cross_entropy
@@ -83,7 +88,73 @@ def selection_probe(size, warmup: int, repeats: int) -> dict[str, float]:
     return interleaved(fns, warmup, repeats)
 
 
-PROBES = ("adam", "compile", "selection")
+@contextmanager
+def packed_linears(rows: int):
+    """An experiment, not library code: within the block every F.linear of `rows` rows without gradients
+    multiplies by a copy of its weight packed once by oneMKL (fp32) or, under CPU bf16 autocast, oneDNN
+    (bf16), as torch.compile's CPU backend does with frozen weights."""
+    original, packs = F.linear, {}
+
+    def linear(x, weight, bias=None):
+        if torch.is_grad_enabled() or x.numel() != rows * x.size(-1):
+            return original(x, weight, bias)
+        bf16 = torch.is_autocast_enabled("cpu")
+        key = (weight.data_ptr(), tuple(weight.shape), bf16)
+        if key not in packs:
+            if bf16:
+                b = None if bias is None else bias.detach().bfloat16()
+                packs[key] = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16(), rows), b)
+            else:
+                packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows), None)
+        packed, packed_bias = packs[key]
+        if bf16:
+            return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, packed_bias, "none", [], "")
+        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+def prepack_probe(cfg, size, warmup: int, repeats: int) -> dict[str, float]:
+    """Prepacked weights (oneMKL / oneDNN) against F.linear: the decoding step's matmuls alone (one weight
+    multiplied again and again), then whole greedy and beam decoding of the benchmark's batch."""
+    if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
+        print("prepack: skipped, this torch has no oneMKL / oneDNN")
+        return {}
+    rows, d, f, v = size.decode_sentences, cfg.d_model, cfg.d_ff, cfg.target_vocab_size
+    fns = {}
+    for n_in, n_out in ((d, 3 * d), (d, f), (f, d), (d, v)):
+        x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in)
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        fns[f"{rows}x{n_in}x{n_out} plain"] = lambda x=x, w=w: F.linear(x, w)
+        fns[f"{rows}x{n_in}x{n_out} packed"] = lambda x=x, w=w, p=packed: torch.ops.mkl._mkl_linear(
+            x, p, w, None, rows
+        )
+    results = interleaved(fns, warmup, 20 * repeats)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    src = size_batch(size, cfg).decode_src
+    for precision in ("fp32", "bf16"):
+        for beam in (1, size.beam_size):
+
+            def run(packed: bool, beam=beam, precision=precision) -> None:
+                context = packed_linears(rows * beam) if packed else contextlib.nullcontext()
+                with context, autocast(precision, torch.device("cpu")):
+                    model.generate(src, max_new_tokens=size.new_tokens, beam_size=beam)
+
+            search = "greedy" if beam == 1 else f"beam {beam}"
+            pair = {
+                f"{search} {precision} packed": lambda run=run: run(True),
+                f"{search} {precision} plain": lambda run=run: run(False),
+            }
+            results.update(interleaved(pair, warmup, repeats))
+    return results
+
+
+PROBES = ("adam", "compile", "selection", "prepack")
 
 
 def main() -> None:
@@ -109,10 +180,12 @@ def main() -> None:
         results["train_step"] = compile_probe(cfg, size, args.warmup, args.repeats)
     if "selection" in chosen:
         results["selection"] = selection_probe(size, args.warmup, args.repeats)
-    print(f"{'probe':<12} {'variant':<16} {'median ms':>10}")
+    if "prepack" in chosen:
+        results["prepack"] = prepack_probe(cfg, size, args.warmup, args.repeats)
+    print(f"{'probe':<12} {'variant':<22} {'median ms':>10}")
     for probe, rows in results.items():
         for variant, seconds in rows.items():
-            print(f"{probe:<12} {variant:<16} {seconds * 1e3:>10.3f}")
+            print(f"{probe:<12} {variant:<22} {seconds * 1e3:>10.3f}")
     if args.out:
         document = {"size": args.size, "threads": args.threads, "repeats": args.repeats, "seconds": results}
         with open(args.out, "w", encoding="utf-8") as f:

@@ -262,11 +262,16 @@ def test_the_probes_script_prints_and_writes_each_chosen_probe(tmp_path):
     out = tmp_path / "probes.json"
     args = ["--size", "tiny", "--threads", "1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(script), *args, "--probes", "adam,selection"], capture_output=True, text=True
+        [sys.executable, str(script), *args, "--probes", "adam,selection,prepack"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     seconds = json.loads(out.read_text())["seconds"]
-    assert set(seconds) == {"adam_step", "selection"} and all(v > 0 for v in seconds["selection"].values())
+    assert set(seconds) == {"adam_step", "selection", "prepack"}
+    assert all(v > 0 for v in seconds["selection"].values())
+    if torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available():
+        assert "beam 4 bf16 packed" in seconds["prepack"] and "4x64x1000 packed" in seconds["prepack"]
     assert "beam top_k" in done.stdout and "fused" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--probes", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown probe(s) nope" in bad.stderr
