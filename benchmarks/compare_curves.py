@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     curves = [read_metrics(run) for run in args.runs]
     (ref_train, ref_valid), others = curves[0], curves[1:]
     steps = sorted(set(ref_train).intersection(*(set(train) for train, _ in others)))
+    if not steps:
+        raise SystemExit("error: the runs have no logged training step in common")
 
     header = ["step", *labels, *(f"{label} / {labels[0]} - 1" for label in labels[1:])]
     rows = []
     for step in steps:
         losses = [train[step] for train, _ in curves]
-        rows.append([step, *losses, *(loss / losses[0] - 1 for loss in losses[1:])])
+        reference = losses[0] if losses[0] != 0 else float("nan")  # a zero loss has no relative difference
+        rows.append([step, *losses, *(loss / reference - 1 for loss in losses[1:])])
     print(" | ".join(header))
     for row in rows:
         print(" | ".join([str(row[0]), *(f"{v:.4f}" for v in row[1 : len(labels) + 1]),
