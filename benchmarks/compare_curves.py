@@ -18,18 +18,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from vaswani.evaluation import read_metrics
+from vaswani.training.trainer import METRICS_FILE
 
-def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, dict]]:
+
+def split_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, dict]]:
     """(training loss by step, validation record by step) of a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (not a run directory?)")
+    try:
+        records = read_metrics(path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     train, valid = {}, {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise SystemExit(f"error: {path}:{number} is not a JSON line") from None
+    for record in records:
         if record.get("split") == "valid" and "checkpoint" not in record:
             valid[record["step"]] = record
         elif "loss" in record:
@@ -51,22 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [run.name for run in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
-    curves = [read_metrics(run) for run in args.runs]
+    curves = [split_metrics(run) for run in args.runs]
     (ref_train, ref_valid), others = curves[0], curves[1:]
     steps = sorted(set(ref_train).intersection(*(set(train) for train, _ in others)))
     if not steps:
         raise SystemExit("error: the runs have no logged training step in common")
 
     header = ["step", *labels, *(f"{label} / {labels[0]} - 1" for label in labels[1:])]
-    rows = []
-    for step in steps:
-        losses = [train[step] for train, _ in curves]
-        reference = losses[0] if losses[0] != 0 else float("nan")  # a zero loss has no relative difference
-        rows.append([step, *losses, *(loss / reference - 1 for loss in losses[1:])])
+    losses = {step: [train[step] for train, _ in curves] for step in steps}
+    # Per step, each later run's loss relative to the first's; a zero loss has no relative difference.
+    differences = {step: [v / (vs[0] or float("nan")) - 1 for v in vs[1:]] for step, vs in losses.items()}
     print(" | ".join(header))
-    for row in rows:
-        print(" | ".join([str(row[0]), *(f"{v:.4f}" for v in row[1 : len(labels) + 1]),
-                          *(f"{v:+.2%}" for v in row[len(labels) + 1 :])]))  # fmt: skip
+    for step in steps:
+        cells = [str(step), *(f"{v:.4f}" for v in losses[step]), *(f"{v:+.2%}" for v in differences[step])]
+        print(" | ".join(cells))
     valid_keys = sorted({key for _, valid in curves for record in valid.values() for key in record
                          if key.startswith("valid_")})  # fmt: skip
     valid_steps = sorted(set(ref_valid).intersection(*(set(valid) for _, valid in others)))
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             values = [valid[step].get(key) for _, valid in curves]
             pairs = zip(labels, values, strict=True)
             print(f"{key} at step {step}: " + ", ".join(f"{label} {v:.4f}" for label, v in pairs))
-    worst = [max(abs(row[len(labels) + 1 + i]) for row in rows) for i in range(len(labels) - 1)]
+    worst = [max(abs(differences[step][i]) for step in steps) for i in range(len(labels) - 1)]
     for label, value in zip(labels[1:], worst, strict=True):
         print(f"largest relative difference of the training loss, {label} against {labels[0]}: {value:.2%}")
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_axis.set(xlabel="step", ylabel="training loss (label-smoothed)", title="training loss")
     loss_axis.legend()
     for i, label in enumerate(labels[1:]):
-        diff_axis.plot(steps, [100 * row[len(labels) + 1 + i] for row in rows], marker="o", label=label)
+        diff_axis.plot(steps, [100 * differences[step][i] for step in steps], marker="o", label=label)
     diff_axis.axhline(0.0, color="grey", linewidth=0.8)
     diff_axis.set(xlabel="step", ylabel=f"% difference to {labels[0]}", title="relative difference")
     diff_axis.legend()
