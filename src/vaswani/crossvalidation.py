@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vaswani.evaluation import write_json
+from vaswani.evaluation import read_metrics, write_json
 from vaswani.recipes import Recipe, recipe_to_toml
 from vaswani.tasks import make_task
-from vaswani.training.trainer import Trainer
+from vaswani.training.trainer import METRICS_FILE, Trainer
 
 RESULT_FILE = "crossvalidation.json"
 SETUP_FILE = "crossvalidation_setup.json"  # the recipe, k and seed that the folds in a directory belong to
@@ -119,7 +119,7 @@ def _read_fold(path: Path) -> FoldResult:
 
 
 def _held_out_scores(run_dir: Path) -> tuple[int, dict, dict | None]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(run_dir / METRICS_FILE)
     valid = [r for r in records if r.get("split") == "valid"]
     last = [r for r in valid if "checkpoint" not in r][-1]
     averaged = [r for r in valid if r.get("checkpoint") == "averaged"]
