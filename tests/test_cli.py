@@ -123,6 +123,65 @@ def test_classification_end_to_end_on_a_slice_of_trec(tmp_path, capsys):
 
 
 @needs_data
+@pytest.mark.slow
+def test_classification_with_fine_labels_end_to_end_on_a_slice_of_sst(tmp_path, capsys):
+    run = tmp_path / "sst"
+    overrides = [
+        "data.fine_labels=true",
+        "data.limit_train=600",
+        "data.vocab_size=800",
+        "data.limit_valid=100",
+    ]
+    train("sst2.toml", run, *overrides, "train.max_steps=6", "train.eval_every=6", "train.save_every=6")
+    lines = (run / "fine_labels.txt").read_text().splitlines()
+    assert lines == [
+        f"{grade}\t{cls}"
+        for grade, cls in zip(
+            ["very negative", "negative", "neutral", "positive", "very positive"],
+            ["negative", "negative", "", "positive", "positive"],
+            strict=True,
+        )
+    ]
+    assert (run / "labels.txt").read_text().splitlines() == ["negative", "positive"]
+    valid = [r for r in metrics(run) if r.get("split") == "valid"]
+    assert valid and all(0.0 <= r["valid_accuracy"] <= 1.0 for r in valid)
+    capsys.readouterr()
+    assert main(["classify", str(run), "--json", "a gorgeous , witty film .", "dull and lifeless ."]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sorted(r["probabilities"]) for r in rows] == [["negative", "positive"]] * 2
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+    # The loss is a sum over examples: two halves of a batch give the whole batch's loss and gradient
+    # (what gradient accumulation relies on), neutral sentences (no class) included.
+    task = make_task(load_recipe(run / "recipe.toml"), run)
+    assert -1 in task.train_data.labels and len(task.train_fine_labels) == len(task.train_data)
+    has_class = [label >= 0 for label in task.train_data.labels]
+    indices = next(b for b in task.epoch_batches(0) if len({has_class[i] for i in b}) == 2)
+    model = task.build_model()
+    model.eval()
+
+    def loss_and_grad(part):
+        model.zero_grad()
+        out = task.loss(model, task.make_batch(part, torch.device("cpu")), 0.1)
+        (out.loss * out.n_tokens).backward()
+        return (out.loss * out.n_tokens).item(), model.fine_head.weight.grad.clone()
+
+    whole, whole_grad = loss_and_grad(indices)
+    half = len(indices) // 2
+    (first, first_grad), (second, second_grad) = loss_and_grad(indices[:half]), loss_and_grad(indices[half:])
+    assert first + second == pytest.approx(whole, rel=1e-5)
+    torch.testing.assert_close(first_grad + second_grad, whole_grad, atol=1e-6, rtol=1e-4)
+
+    # A damaged fine_labels.txt is named in one line; a dataset without finer labels is refused up front.
+    (run / "fine_labels.txt").write_text("very negative\tnegative\nneutral\tcheerful\n")
+    assert main(["classify", str(run), "fine ."]) == 2
+    assert "fine_labels.txt: line 2 is not 'fine class<TAB>one of" in capsys.readouterr().err
+    bbc = ["train", str(ROOT / "configs" / "bbc_news.toml"), "--run-dir", str(tmp_path / "bbc")]
+    assert main([*bbc, "--set", "data.fine_labels=true"]) == 2
+    assert "[data] fine_labels with task = 'classification', dataset = 'bbc_news'" in capsys.readouterr().err
+
+
+@needs_data
 def test_word_dropout_replaces_the_asked_fraction_and_is_reproducible(tmp_path):
     def task(p):
         overrides = [f"data.word_dropout={p}", "data.limit_train=400", "data.vocab_size=600", *QUICK]

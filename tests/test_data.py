@@ -20,6 +20,7 @@ from vaswani.data.datasets import (
     load_ag_news,
     load_bbc_news,
     load_classification,
+    load_fine_labels,
     load_labeled_file,
     load_multi30k,
     load_parallel_files,
@@ -182,6 +183,32 @@ def test_registry_loads_by_name_and_lists_valid_names(data_dir):
     with pytest.raises(DataError, match="unknown translation dataset 'wmt14'; choose from multi30k"):
         load_translation("wmt14", "train")
     assert set(CLASSIFICATION_DATASETS) >= {"trec", "sst2", "sst5", "bbc_news", "ag_news"}
+
+
+@pytest.mark.parametrize("name", ["trec", "sst2"])
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_fine_labels_hold_every_example_under_its_class(data_dir, name, split):
+    coarse = load_classification(name, split, data_dir=data_dir)
+    fine, names, class_of_fine = load_fine_labels(name, split, data_dir=data_dir)
+    assert names == coarse.label_names and len(class_of_fine) == len(fine.label_names)
+    # Each coarse example is there, and its fine class is under its class (duplicated texts agree too).
+    classes = collections.defaultdict(set)
+    for text, label in zip(fine.texts, fine.labels, strict=True):
+        classes[text].add(class_of_fine[label])
+    assert all(classes[text] == {label} for text, label in zip(coarse.texts, coarse.labels, strict=True))
+    unlabelled = sum(class_of_fine[label] < 0 for label in fine.labels)
+    assert len(fine) - unlabelled == len(coarse)  # the rest have no class (SST-5's neutral sentences)
+    if name == "trec":
+        assert fine.texts == coarse.texts and len(fine.label_names) == 50 and -1 not in class_of_fine
+    else:
+        assert class_of_fine == [0, 0, -1, 1, 1] and unlabelled > 0
+
+
+def test_fine_labels_of_joined_splits_and_of_a_dataset_without_them(data_dir):
+    joined, _, _ = load_fine_labels("trec", "train+valid", data_dir=data_dir)
+    assert len(joined) == len(load_classification("trec", "train_full", data_dir=data_dir))
+    with pytest.raises(DataError, match="dataset 'bbc_news' has no finer labels; those that do: trec, sst2"):
+        load_fine_labels("bbc_news", "train", data_dir=data_dir)
 
 
 # data directory resolution -------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ def random_ids(vocab, shape, pad_id, seed, pad_last_row=True):
     return ids
 
 
-def test_classifier_logits_equal_pytorch(tmp_path, one_thread):
+@pytest.mark.parametrize("fine_to_class", [None, (0, 0, -1, 1, 2)], ids=["one head", "fine head"])
+def test_classifier_logits_equal_pytorch(tmp_path, one_thread, fine_to_class):
     torch.manual_seed(0)
-    model = TransformerClassifier(TransformerConfig.tiny(40, n_classes=3, cls_id=4, pooling="mean")).eval()
+    cfg = TransformerConfig.tiny(40, n_classes=3, cls_id=4, pooling="mean", fine_to_class=fine_to_class)
+    model = TransformerClassifier(cfg).eval()
     info = export_model(model, tmp_path)
     assert info["kind"] == "classifier" and json.loads((tmp_path / "export.json").read_text()) == info
     run = session(tmp_path / "classifier.onnx")

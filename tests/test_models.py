@@ -1,5 +1,6 @@
 """The three models and their blocks: causality, padding invariance, attention maps, presets, init."""
 
+import json
 import math
 
 import pytest
@@ -242,6 +243,9 @@ def test_pre_ln_adds_a_final_layer_norm():
         ({"tgt_vocab_size": 30}, "share_embeddings"),
         ({"pooling": "sum"}, "pooling"),
         ({"attention_impl": "flash"}, "attention_impl"),
+        ({"n_classes": 2, "fine_to_class": (0, 0, 0)}, "fine_to_class"),  # class 1 under no fine class
+        ({"n_classes": 2, "fine_to_class": (0, 2, 1)}, "fine_to_class"),
+        ({"fine_to_class": (0, 1)}, "fine_to_class"),  # no n_classes
     ],
 )
 def test_config_validation_names_the_field(overrides, field):
@@ -253,6 +257,8 @@ def test_config_validation_names_the_field(overrides, field):
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
     cfg = vaswani.TransformerConfig.small(vocab_size=100, norm_first=True)
     assert vaswani.TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    fine = cfg.replace(n_classes=2, fine_to_class=(0, -1, 1))
+    assert vaswani.TransformerConfig.from_dict(json.loads(json.dumps(fine.to_dict()))) == fine
     with pytest.raises(ValueError, match=r"unknown field.*d_modle"):
         vaswani.TransformerConfig.from_dict({"vocab_size": 10, "d_modle": 8})
 
@@ -267,3 +273,34 @@ def test_bad_inputs_get_clear_errors():
         model(torch.ones(1, 3), torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="n_classes must be set"):
         vaswani.TransformerClassifier(tiny())
+
+
+def test_classifier_with_fine_classes_averages_the_two_heads_distributions():
+    torch.manual_seed(0)
+    fine_to_class = (0, 0, -1, 1, 2, 2)
+    model = vaswani.TransformerClassifier(tiny(n_classes=3, fine_to_class=fine_to_class)).eval()
+    ids = random_ids(4, 7)
+    logits, fine_logits = model(ids, return_heads=True)
+    assert logits.shape == (4, 3) and fine_logits.shape == (4, 6)
+    fine = torch.softmax(fine_logits, -1)
+    by_class = torch.stack([fine[:, [0, 1]].sum(-1), fine[:, 3], fine[:, [4, 5]].sum(-1)], dim=-1)
+    expected = 0.5 * (torch.softmax(logits, -1) + by_class / by_class.sum(-1, keepdim=True))
+    log_probs = model(ids)
+    torch.testing.assert_close(log_probs.exp(), expected)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(4))
+    # The membership matrix is rebuilt from the config, never read from (or written to) a checkpoint.
+    state = model.state_dict()
+    assert "fine_membership" not in state and state["fine_head.weight"].shape == (6, 64)
+    plain = vaswani.TransformerClassifier(tiny(n_classes=3))
+    assert plain.fine_head is None and plain(ids, return_heads=True)[1] is None
+
+
+def test_classifier_with_fine_classes_is_padding_invariant_without_nan_in_half_precision():
+    torch.manual_seed(0)
+    model = vaswani.TransformerClassifier(tiny(n_classes=2, fine_to_class=(0, 0, -1, 1, 1))).eval()
+    ids = random_ids(2, 5)
+    padded = torch.cat((ids, torch.zeros(2, 4, dtype=torch.long)), dim=1)
+    torch.testing.assert_close(model(padded), model(ids), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(torch.zeros(2, 3, dtype=torch.long))  # rows of padding only
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()

@@ -43,6 +43,9 @@ class TransformerConfig:
       n_classes, pooling   for `TransformerClassifier`: number of classes and "cls" (the [CLS] state),
                            "mean" or "max" (mean or elementwise maximum of the real token states).
       cls_id               the [CLS] token the classifier prepends; None uses `bos_id`.
+      fine_to_class        for a classifier also trained on finer labels (TREC's 50 classes under its 6):
+                           the class of each fine class, -1 for none (SST-5's neutral under SST-2). Adds a
+                           second head; the prediction averages the two heads' class probabilities.
 
     Fields for imported pretrained models (vaswani.hub); their defaults are the paper's model:
       type_vocab_size      BERT's token-type (segment) embeddings added to the input embeddings; 0 = none.
@@ -77,6 +80,7 @@ class TransformerConfig:
     n_classes: int | None = None
     pooling: str = "cls"
     cls_id: int | None = None
+    fine_to_class: tuple[int, ...] | None = None
     type_vocab_size: int = 0
     embedding_norm: bool = False
     final_logits_bias: bool = False
@@ -135,6 +139,21 @@ class TransformerConfig:
             fail("init", f"must be one of {INITS}")
         if self.n_classes is not None and (not isinstance(self.n_classes, int) or self.n_classes < 2):
             fail("n_classes", "must be None or an integer >= 2")
+        if self.fine_to_class is not None:
+            if isinstance(self.fine_to_class, list):  # as read back from JSON
+                self.fine_to_class = tuple(self.fine_to_class)
+            classes = self.n_classes or 0
+            if (
+                not isinstance(self.fine_to_class, tuple)
+                or not all(isinstance(c, int) and not isinstance(c, bool) for c in self.fine_to_class)
+                or sorted(set(self.fine_to_class) - {-1}) != list(range(classes))
+                or len(self.fine_to_class) < 2
+            ):
+                fail(
+                    "fine_to_class",
+                    f"must give 2 or more fine classes each a class in [0, n_classes={self.n_classes}) "
+                    "or -1, with every class under some fine class",
+                )
         if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
             fail("layer_norm_eps", "must be a positive float")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:

@@ -12,6 +12,7 @@ position, padding included, from the real ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -224,12 +225,37 @@ class _EncoderDecoderStepper:
             self.prefix = self.prefix.index_select(0, index)
 
 
+def fine_membership(fine_to_class: Sequence[int], n_classes: int) -> Tensor:
+    """(n_fine, n_classes) 0/1: row f marks the class of fine class f (none for -1). A matrix to multiply by
+    rather than a scatter, so that an exported graph stays plain."""
+    membership = torch.zeros(len(fine_to_class), n_classes)
+    for fine, cls in enumerate(fine_to_class):
+        if cls >= 0:
+            membership[fine, cls] = 1.0
+    return membership
+
+
+def combine_heads(logits: Tensor, fine_logits: Tensor, membership: Tensor) -> Tensor:
+    """A class head's and a fine head's logits -> the log of the average of their class distributions
+    (B, n_classes), in fp32. The fine distribution is summed within each class (`fine_membership`) and
+    renormalised over the fine classes that have one."""
+    fine = torch.softmax(fine_logits.float(), dim=-1) @ membership.to(torch.float32)
+    fine = fine / fine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(fine.dtype).tiny)
+    probs = 0.5 * (torch.softmax(logits.float(), dim=-1) + fine)
+    return probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+
+
 class TransformerClassifier(nn.Module):
     """The Transformer encoder as a sequence classifier (as in BERT, Devlin et al. 2019).
 
     A [CLS] token (`cfg.cls_id`, by default `bos_id`) is prepended at position 0; padding is masked as keys;
     a linear head reads the final [CLS] state (`pooling="cls"`), or the mean (`"mean"`) or elementwise
     maximum (`"max"`) of the real token states ([CLS] excluded). Uses `n_encoder_layers`.
+
+    With `cfg.fine_to_class`, a second head reads the same pooled state and predicts the finer classes
+    (TREC's 50 under its 6); `forward` then returns the log of the average of the two heads' class
+    distributions, the fine one summed within each class (fine classes with no class left out), and
+    `head_logits` the two heads' own logits for training.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -243,6 +269,14 @@ class TransformerClassifier(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.fine_head: nn.Linear | None = None
+        if cfg.fine_to_class is not None:
+            self.fine_head = nn.Linear(cfg.d_model, len(cfg.fine_to_class))
+            nn.init.xavier_uniform_(self.fine_head.weight)
+            nn.init.zeros_(self.fine_head.bias)
+            # Derived from the config: not saved with the weights.
+            membership = fine_membership(cfg.fine_to_class, cfg.n_classes)
+            self.register_buffer("fine_membership", membership, persistent=False)
 
     def encode(self, ids: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
         """ids (B, S) -> hidden states (B, 1 + S, d_model) with [CLS] first, their mask, attention."""
@@ -256,9 +290,21 @@ class TransformerClassifier(nn.Module):
         hidden, weights = self.encoder(self.embed(ids, positions), mask, need_weights)
         return hidden, mask, weights
 
-    def forward(self, ids: Tensor, return_attention: bool = False):
-        """ids (B, S) -> class logits (B, n_classes); with `return_attention`, also {"encoder": [...]}
-        whose tensors are (B, n_heads, 1 + S, 1 + S), [CLS] at index 0."""
+    def forward(self, ids: Tensor, return_attention: bool = False, return_heads: bool = False):
+        """ids (B, S) -> class logits (B, n_classes) (log-probabilities with `fine_to_class`); with
+        `return_attention`, also {"encoder": [...]} whose tensors are (B, n_heads, 1 + S, 1 + S), [CLS] at
+        index 0. `return_heads` (training with fine classes): the class head's logits and the fine head's
+        (B, n_fine), or None, instead."""
+        logits, fine_logits, weights = self._heads(ids, return_attention)
+        if return_heads:
+            return logits, fine_logits
+        if fine_logits is not None:
+            logits = combine_heads(logits, fine_logits, self.fine_membership)
+        if return_attention:
+            return logits, {"encoder": weights}
+        return logits
+
+    def _heads(self, ids: Tensor, return_attention: bool) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         hidden, mask, weights = self.encode(ids, need_weights=return_attention)
         pooling = self.config.pooling
         if pooling == "cls":
@@ -270,10 +316,9 @@ class TransformerClassifier(nn.Module):
             real = mask[:, 0, 0, 1:, None]
             pooled = hidden[:, 1:].masked_fill(~real, float("-inf")).amax(dim=1)
             pooled = pooled.masked_fill(~real.any(dim=1), 0.0)  # a row of padding only: no -inf
-        logits = self.head(self.dropout(pooled))
-        if return_attention:
-            return logits, {"encoder": weights}
-        return logits
+        pooled = self.dropout(pooled)
+        fine_logits = None if self.fine_head is None else self.fine_head(pooled)
+        return self.head(pooled), fine_logits, weights
 
 
 class TransformerEncoder(nn.Module):

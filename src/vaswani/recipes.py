@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vaswani.config import TransformerConfig, VisionConfig
+from vaswani.data.datasets import FINE_LABEL_DATASETS
 from vaswani.data.images import AUGMENTATIONS, IMAGE_DATASETS
 
 if sys.version_info >= (3, 11):
@@ -47,7 +48,16 @@ PRESETS = ("base", "big", "small", "tiny")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 VISION_PRESETS = ("base", "large", "huge")  # the ViT paper's Table 1
 # Set from the tokenizer and the data, never by hand.
-DERIVED_MODEL_FIELDS = ("vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "cls_id", "n_classes")
+DERIVED_MODEL_FIELDS = (
+    "vocab_size",
+    "tgt_vocab_size",
+    "pad_id",
+    "bos_id",
+    "eos_id",
+    "cls_id",
+    "n_classes",
+    "fine_to_class",
+)
 DERIVED_VISION_FIELDS = ("image_size", "channels", "n_classes")
 # What a recipe may still set when the architecture comes from `init_from`.
 INIT_FROM_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "attention_impl", "pooling")
@@ -97,6 +107,10 @@ class DataSection:
     # classification: each training token becomes [UNK] with this probability, drawn afresh every epoch
     # (word dropout, Iyyer et al. 2015: a regulariser for small data sets trained from scratch)
     word_dropout: float = 0.0
+    # classification of trec or sst2: also train a second head on the finer labels of the same examples
+    # (TREC's 50 classes, SST-5's five grades, neutral sentences included); the prediction averages the two
+    # heads' class probabilities (TransformerClassifier, fine_to_class)
+    fine_labels: bool = False
     augment: str = "none"  # images: none | crop_flip (pad, random crop, horizontal flip)
     crop_padding: int = 4  # images, crop_flip: zero pixels added on each side before cropping
 
@@ -309,6 +323,12 @@ def _validate(recipe: Recipe) -> None:
         f"holds the test split {d.test_split!r}: a model trained on it cannot be scored on it",
     )
     need(0.0 <= d.word_dropout < 1.0, f"[data] word_dropout = {d.word_dropout}", "must be in [0, 1)")
+    need(
+        not d.fine_labels
+        or (d.task == "classification" and d.dataset.lower().replace("-", "_") in FINE_LABEL_DATASETS),
+        f"[data] fine_labels with task = {d.task!r}, dataset = {d.dataset!r}",
+        f"only a classification of {' or '.join(FINE_LABEL_DATASETS)} has finer labels",
+    )
     for section, obj, names in (
         ("data", d, ("vocab_size", "max_tokens", "max_len", "block_size", "batch_size", "windows_per_epoch")),
         (

@@ -31,6 +31,7 @@ from vaswani.data.datasets import (
     LabeledTexts,
     ParallelCorpus,
     load_classification,
+    load_fine_labels,
     load_labeled_file,
     load_parallel_files,
     load_text_file,
@@ -38,7 +39,14 @@ from vaswani.data.datasets import (
     load_translation,
 )
 from vaswani.evaluation import classification_report, corpus_bleu, corpus_chrf
-from vaswani.models import Transformer, TransformerClassifier, TransformerEncoder, TransformerLM
+from vaswani.models import (
+    Transformer,
+    TransformerClassifier,
+    TransformerEncoder,
+    TransformerLM,
+    combine_heads,
+    fine_membership,
+)
 from vaswani.recipes import Recipe, RecipeError
 from vaswani.tokenization import Tokenizer, load_tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
@@ -46,6 +54,7 @@ from vaswani.vision_task import ImageClassificationTask
 
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
+FINE_LABELS_FILE = "fine_labels.txt"  # [data] fine_labels: "fine class<TAB>its class" a line
 MODEL_CONFIG_FILE = "model.json"
 FILES_SPLITS = ("train", "valid", "test")
 
@@ -384,6 +393,49 @@ class ClassificationTask(_Task):
             [load_classification(d.dataset, part, data_dir=d.data_dir) for part in parts]
         )
 
+    @cached_property
+    def _fine_data(self) -> tuple[LabeledTexts, list[str], list[int]]:
+        """[data] fine_labels: the training examples with their finer labels (see load_fine_labels)."""
+        d = self.recipe.data
+        return load_fine_labels(d.dataset, self._split_name("train"), data_dir=d.data_dir)
+
+    @cached_property
+    def fine_classes(self) -> tuple[list[str], tuple[int, ...]] | None:
+        """[data] fine_labels: the fine class names and the class of each (-1: none), from the run's
+        fine_labels.txt, else from the data (then written there); None without fine labels."""
+        if not self.recipe.data.fine_labels:
+            return None
+        path = self.run_dir / FINE_LABELS_FILE
+        if path.is_file():
+            return self._read_fine_classes(path)
+        fine, coarse_names, class_of_fine = self._fine_data
+        if coarse_names != self.label_names:
+            raise ValueError(f"{self.run_dir / LABELS_FILE}: its classes are not {coarse_names}")
+        lines = [
+            f"{name}\t{coarse_names[c] if c >= 0 else ''}"
+            for name, c in zip(fine.label_names, class_of_fine, strict=True)
+        ]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return list(fine.label_names), tuple(class_of_fine)
+
+    def _read_fine_classes(self, path: Path) -> tuple[list[str], tuple[int, ...]]:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (corrupt?)") from None
+        index = {name: i for i, name in enumerate(self.label_names)}
+        names, classes = [], []
+        for number, line in enumerate(lines, 1):
+            name, tab, cls = line.partition("\t")
+            if not tab or not name or (cls and cls not in index):
+                raise ValueError(f"{path}: line {number} is not 'fine class<TAB>one of {self.label_names}'")
+            names.append(name)
+            classes.append(index[cls] if cls else -1)
+        if len(names) < 2:
+            raise ValueError(f"{path}: names {len(names)} fine class(es); at least 2 are needed (corrupt?)")
+        return names, tuple(classes)
+
     def _known_labels(self) -> list[str] | None:
         path = self.run_dir / LABELS_FILE
         if not path.is_file():
@@ -408,9 +460,22 @@ class ClassificationTask(_Task):
 
     @cached_property
     def train_data(self) -> LabeledTexts:
-        data = self.data("train")
+        """The training examples; with [data] fine_labels, those of the fine-labelled data (which may hold
+        more: SST-5's neutral sentences), each labelled with its class, -1 for none."""
         n = self.recipe.data.limit_train
+        if self.recipe.data.fine_labels:
+            fine, coarse_names, class_of_fine = self._fine_data
+            labels = [class_of_fine[y] for y in fine.labels]
+            return LabeledTexts(_limit(fine.texts, n), _limit(labels, n), coarse_names)
+        data = self.data("train")
         return LabeledTexts(_limit(data.texts, n), _limit(data.labels, n), data.label_names)
+
+    @cached_property
+    def train_fine_labels(self) -> list[int] | None:
+        """[data] fine_labels: the fine class of each training example (else None)."""
+        if not self.recipe.data.fine_labels:
+            return None
+        return _limit(self._fine_data[0].labels, self.recipe.data.limit_train)
 
     @cached_property
     def valid_data(self) -> LabeledTexts:
@@ -423,18 +488,29 @@ class ClassificationTask(_Task):
 
     def _recipe_config(self, **derived) -> TransformerConfig:
         return self.recipe.model_config(
-            **derived, cls_id=self.tokenizer.cls_id, n_classes=len(self.label_names)
+            **derived,
+            cls_id=self.tokenizer.cls_id,
+            n_classes=len(self.label_names),
+            fine_to_class=self._fine_to_class(),
         )
 
+    def _fine_to_class(self) -> tuple[int, ...] | None:
+        return None if self.fine_classes is None else self.fine_classes[1]
+
     def _adapt_config(self, cfg: TransformerConfig) -> TransformerConfig:
-        # A BERT encoder's [CLS] is the tokenizer's; the head is sized for this data set's labels.
-        return cfg.replace(n_classes=len(self.label_names), cls_id=cfg.classifier_cls_id)
+        # A BERT encoder's [CLS] is the tokenizer's; the heads are sized for this data set's labels.
+        return cfg.replace(
+            n_classes=len(self.label_names), cls_id=cfg.classifier_cls_id, fine_to_class=self._fine_to_class()
+        )
 
     def _fresh_tensors(self, source: dict, target: dict) -> set[str]:
-        head = {k for k in target if k.startswith("head.")}
-        if all(k in source and source[k].shape == target[k].shape for k in head):
-            return set()  # a classifier run with as many classes: its head is a starting point too
-        return head | {k for k in source if k.startswith("head.")}
+        fresh: set[str] = set()
+        for prefix in ("head.", "fine_head."):
+            head = {k for k in target if k.startswith(prefix)}
+            if all(k in source and source[k].shape == target[k].shape for k in head):
+                continue  # a classifier run with as many classes: its head is a starting point too
+            fresh |= head | {k for k in source if k.startswith(prefix)}
+        return fresh
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids (then the tokenizer's suffix, BERT's [SEP]), truncated so that [CLS] + ids fits max_len
@@ -464,7 +540,8 @@ class ClassificationTask(_Task):
         ids = [self.train_ids[i] for i in indices]
         if self.recipe.data.word_dropout > 0:
             ids = self._drop_words(ids, indices)
-        return make_classification_batch(ids, labels, self.tokenizer.pad_id).to(device)
+        fine = None if self.train_fine_labels is None else [self.train_fine_labels[i] for i in indices]
+        return make_classification_batch(ids, labels, self.tokenizer.pad_id, fine).to(device)
 
     def _drop_words(self, ids: list[list[int]], indices: list[int]) -> list[list[int]]:
         """Word dropout: tokens replaced by [UNK] at random. The draw depends only on (seed, epoch, batch),
@@ -479,10 +556,37 @@ class ClassificationTask(_Task):
         return dropped
 
     def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        if batch.fine_labels is not None:
+            return self._fine_loss(model, batch, label_smoothing)
         logits = model(batch.ids).float()
         loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
         nll = F.cross_entropy(logits, batch.labels) if label_smoothing > 0 else loss
         return LossOutput(loss, nll.detach(), torch.tensor(batch.labels.numel()))
+
+    def _fine_loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        """Both heads' (smoothed) cross-entropies summed, per example: the class head's over the examples
+        that have a class, the fine head's over all. The NLL is the prediction's (the heads combined), over
+        the examples that have a class."""
+        logits, fine_logits = model(batch.ids, return_heads=True)
+        logits, fine_logits = logits.float(), fine_logits.float()
+        labelled = batch.labels >= 0
+        loss = F.cross_entropy(
+            fine_logits, batch.fine_labels, label_smoothing=label_smoothing, reduction="sum"
+        )
+        nll = torch.zeros((), device=logits.device)
+        if labelled.any():
+            labels = batch.labels[labelled]
+            loss = loss + F.cross_entropy(
+                logits[labelled], labels, label_smoothing=label_smoothing, reduction="sum"
+            )
+            membership = self._fine_membership.to(logits.device)
+            combined = combine_heads(logits[labelled].detach(), fine_logits[labelled].detach(), membership)
+            nll = F.nll_loss(combined, labels)
+        return LossOutput(loss / batch.labels.numel(), nll, torch.tensor(batch.labels.numel()))
+
+    @cached_property
+    def _fine_membership(self) -> torch.Tensor:
+        return fine_membership(self._fine_to_class(), len(self.label_names))
 
     def batch_tokens(self, batch) -> int:
         return int((batch.ids != self.tokenizer.pad_id).sum())

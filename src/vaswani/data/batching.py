@@ -183,25 +183,37 @@ def make_translation_batch(
 
 @dataclass
 class ClassificationBatch:
-    """ids (B, S), right-padded, and labels (B,). The [CLS] token is not here: the classifier prepends it."""
+    """ids (B, S), right-padded, and labels (B,); with fine classes (a classifier's `fine_to_class`), also
+    fine_labels (B,), and a label may be -1 (an example with a fine class but no class). The [CLS] token is
+    not here: the classifier prepends it."""
 
     ids: Tensor
     labels: Tensor
+    fine_labels: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ClassificationBatch:
         """A copy with the tensors on `device`."""
+        fine = None if self.fine_labels is None else self.fine_labels.to(device, non_blocking=non_blocking)
         return ClassificationBatch(
-            self.ids.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking)
+            self.ids.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            fine,
         )
 
 
 def make_classification_batch(
-    ids_list: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int = 0
+    ids_list: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    pad_id: int = 0,
+    fine_labels: Sequence[int] | None = None,
 ) -> ClassificationBatch:
-    """Pad token ids and stack labels into a `ClassificationBatch`."""
+    """Pad token ids and stack labels (and fine labels) into a `ClassificationBatch`."""
     if len(ids_list) != len(labels):
         raise ValueError(f"{len(ids_list)} sequences but {len(labels)} labels")
-    return ClassificationBatch(pad_batch(ids_list, pad_id), torch.as_tensor(labels, dtype=torch.long))
+    if fine_labels is not None and len(fine_labels) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(fine_labels)} fine labels")
+    fine = None if fine_labels is None else torch.as_tensor(fine_labels, dtype=torch.long)
+    return ClassificationBatch(pad_batch(ids_list, pad_id), torch.as_tensor(labels, dtype=torch.long), fine)
 
 
 # ------------------------------------------------------------------ language models

@@ -623,6 +623,46 @@ TRANSLATION_DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class FineLabelSpec:
+    """Where a coarse classification dataset's finer labels are: the dataset that has them, the coarse
+    class names, and the coarse class of each fine class name (None: none, as SST-5's neutral sentences
+    under SST-2). The fine dataset holds every example of the coarse one, in each split."""
+
+    fine_dataset: str
+    coarse_names: tuple[str, ...]
+    coarse_of: Callable[[str], str | None]
+
+
+_SST5_TO_SST2 = dict(zip(SST5_LABELS, ["negative", "negative", None, "positive", "positive"], strict=True))
+FINE_LABEL_DATASETS: dict[str, FineLabelSpec] = {
+    # The same questions, each under one of 50 fine classes named "COARSE:fine".
+    "trec": FineLabelSpec("trec-fine", tuple(TREC_COARSE), lambda fine: fine.partition(":")[0]),
+    # SST-5's sentences of the same split: the SST-2 ones, graded in two strengths, plus the neutral ones.
+    "sst2": FineLabelSpec("sst5", tuple(SST2_LABELS), _SST5_TO_SST2.__getitem__),
+}
+
+
+def load_fine_labels(
+    name: str, split: str, data_dir: PathLike | None = None
+) -> tuple[LabeledTexts, list[str], list[int]]:
+    """A classification dataset's split with finer labels (TREC's 50 classes for "trec", SST-5's five for
+    "sst2"): the fine-labelled examples, the coarse class names, and for each fine class the index of its
+    coarse class (-1: none). What a classifier trained with `[data] fine_labels` reads."""
+    key = name.lower().replace("-", "_")
+    if key not in FINE_LABEL_DATASETS:
+        raise DataError(
+            f"dataset {name!r} has no finer labels; those that do: {', '.join(FINE_LABEL_DATASETS)}"
+        )
+    spec = FINE_LABEL_DATASETS[key]
+    fine = LabeledTexts.join(
+        [load_classification(spec.fine_dataset, part, data_dir=data_dir) for part in split.split("+")]
+    )
+    index = {label: i for i, label in enumerate(spec.coarse_names)}
+    coarse = [spec.coarse_of(label) for label in fine.label_names]
+    return fine, list(spec.coarse_names), [-1 if c is None else index[c] for c in coarse]
+
+
 def _lookup(registry: dict[str, DatasetSpec], kind: str, name: str) -> DatasetSpec:
     """The spec for `name`, with "-" and "_" treated alike (trec_fine, bbc-news)."""
     wanted = name.lower().replace("-", "_")
