@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from vaswani.cli import main
+from vaswani.data.batching import pad_batch
 from vaswani.recipes import load_recipe
+from vaswani.runs import load_run
 from vaswani.tasks import make_task
 from vaswani.tokenization import UNK_ID
 
@@ -179,6 +181,66 @@ def test_classification_with_fine_labels_end_to_end_on_a_slice_of_sst(tmp_path, 
     bbc = ["train", str(ROOT / "configs" / "bbc_news.toml"), "--run-dir", str(tmp_path / "bbc")]
     assert main([*bbc, "--set", "data.fine_labels=true"]) == 2
     assert "[data] fine_labels with task = 'classification', dataset = 'bbc_news'" in capsys.readouterr().err
+
+
+@needs_data
+@pytest.mark.slow
+def test_masked_lm_pretraining_then_a_classifier_from_it(tmp_path, capsys):
+    mlm = tmp_path / "mlm"
+    slice_ = ["data.limit_train=600", "data.limit_valid=100", "data.vocab_size=800"]
+    steps = ["train.max_steps=6", "train.eval_every=3", "train.save_every=3", "train.warmup_steps=2"]
+    train("trec_mlm.toml", mlm, *slice_, *steps, "model.d_model=64", "model.d_ff=128")
+    valid = [r for r in metrics(mlm) if r.get("split") == "valid"]
+    assert len(valid) == 2 and all(r["valid_nll"] > 0 and 0 <= r["valid_accuracy"] <= 1 for r in valid)
+    capsys.readouterr()
+    assert main(["evaluate", str(mlm), "--split", "valid"]) == 0
+    scored = json.loads((mlm / "results_valid.json").read_text())
+    assert main(["attention", str(mlm), "what is it ?", "--out", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "what-is-it" / "cls.png").is_file()
+    run = load_run(mlm, device="cpu")  # the whole valid split, scored again: the masking is fixed
+    again = run.task.score(run.model, run.task.encode(run.task.texts("valid")), torch.device("cpu"))
+    assert again == pytest.approx({k: scored[k] for k in again}, rel=1e-6)
+
+    # Masking: about mask_prob of the real tokens are targets; of those about 80% read <unk>, 10% another
+    # token, 10% themselves; nothing else changes; the draw is reproducible per (seed, epoch, batch).
+    task = make_task(load_recipe(mlm / "recipe.toml"), mlm)
+    cpu = torch.device("cpu")
+    inputs, targets, originals = [], [], []
+    for indices in task.epoch_batches(0):
+        x, y = task.make_batch(indices, cpu)
+        inputs.append(x.flatten())
+        targets.append(y.flatten())
+        originals.append(pad_batch([task.train_ids[i] for i in indices], 0).flatten())
+    x, y, ids = torch.cat(inputs), torch.cat(targets), torch.cat(originals)
+    chosen, real = y != 0, ids != 0
+    assert torch.equal(y[chosen], ids[chosen]) and torch.equal(x[~chosen], ids[~chosen])
+    assert 0.13 < chosen.sum() / real.sum() < 0.17
+    assert 0.75 < (x[chosen] == UNK_ID).float().mean() < 0.85
+    assert 0.06 < (x[chosen] == ids[chosen]).float().mean() < 0.14
+    first = task.epoch_batches(0)[0]
+    again = make_task(load_recipe(mlm / "recipe.toml"), mlm)
+    again.epoch_batches(0)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.make_batch(first, cpu), task.make_batch(first, cpu), strict=True)
+    )
+
+    # A classifier starts from the pretrained encoder: the same tokenizer, the same weights.
+    clf = tmp_path / "clf"
+    overrides = [*QUICK[1:], f"model.init_from={json.dumps(str(mlm))}", "data.limit_train=200"]
+    args = ["train", str(ROOT / "configs" / "trec_from_mlm.toml"), "--run-dir", str(clf)]
+    for value in [*overrides, "train.max_steps=1", "train.eval_every=1"]:
+        args += ["--set", value]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trained from scratch: fine_head.bias, fine_head.weight, head.bias, head.weight" in out
+    assert (clf / "tokenizer.json").read_text() == (mlm / "tokenizer.json").read_text()
+    classifier = make_task(load_recipe(clf / "recipe.toml"), clf)
+    model = classifier.build_model()
+    classifier.initialize(model)
+    for name, tensor in run.model.state_dict().items():  # the pretraining run's final weights
+        if name != "mlm_bias":
+            assert torch.equal(model.state_dict()[name], tensor), name
 
 
 @needs_data

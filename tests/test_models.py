@@ -304,3 +304,24 @@ def test_classifier_with_fine_classes_is_padding_invariant_without_nan_in_half_p
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = model(torch.zeros(2, 3, dtype=torch.long))  # rows of padding only
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
+
+
+def test_masked_lm_reads_what_the_classifier_reads_and_predicts_through_the_embeddings():
+    torch.manual_seed(0)
+    cfg = tiny(n_classes=3, cls_id=4)
+    mlm = vaswani.TransformerMaskedLM(cfg.replace(n_classes=None)).eval()
+    torch.nn.init.normal_(mlm.mlm_bias)
+    classifier = vaswani.TransformerClassifier(cfg).eval()
+    missing, unexpected = classifier.load_state_dict(mlm.state_dict(), strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == ["mlm_bias"]
+    ids = random_ids(3, 6)
+    ids[2, 4:] = 0
+    hidden, _, _ = classifier.encode(ids)  # [CLS] + ids through the same weights
+    expected = hidden[:, 1:] @ mlm.embed.tokens.weight.T + mlm.mlm_bias
+    logits = mlm(ids)
+    assert logits.shape == (3, 6, V)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    padded = mlm(torch.cat((ids, torch.zeros(3, 2, dtype=torch.long)), dim=1))
+    torch.testing.assert_close(padded[:, :6], logits, atol=1e-5, rtol=1e-5)
+    _, attention = mlm(ids, return_attention=True)
+    assert attention["encoder"][0].shape == (3, 4, 7, 7)

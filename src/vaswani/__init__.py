@@ -17,7 +17,13 @@ from vaswani.generation import (
     top_p_filter,
 )
 from vaswani.hub import import_hf, load_hf
-from vaswani.models import Transformer, TransformerClassifier, TransformerEncoder, TransformerLM
+from vaswani.models import (
+    Transformer,
+    TransformerClassifier,
+    TransformerEncoder,
+    TransformerLM,
+    TransformerMaskedLM,
+)
 from vaswani.vision import VisionTransformer
 
 __version__ = "0.1.0"
@@ -31,6 +37,7 @@ __all__ = [
     "TransformerConfig",
     "TransformerEncoder",
     "TransformerLM",
+    "TransformerMaskedLM",
     "VisionConfig",
     "VisionTransformer",
     "beam_search",

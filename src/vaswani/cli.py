@@ -49,7 +49,14 @@ from vaswani.interpret import (
 )
 from vaswani.recipes import RecipeError, load_recipe
 from vaswani.runs import average_run, load_run
-from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask, make_task
+from vaswani.tasks import (
+    ClassificationTask,
+    EncoderTask,
+    LanguageModelTask,
+    MaskedLMTask,
+    TranslationTask,
+    make_task,
+)
 from vaswani.training.checkpoint import CheckpointError
 from vaswani.training.faults import TrainingInterrupted
 from vaswani.training.trainer import Trainer
@@ -171,6 +178,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"accuracy = {report.accuracy:.4f}   macro-F1 = {report.macro_f1:.4f}   ({len(data)} examples)")
     elif isinstance(task, EncoderTask):
         raise ValueError(f"{args.run_dir} is an imported encoder: it has no task to evaluate on")
+    elif isinstance(task, MaskedLMTask):
+        if args.src:
+            raise ValueError("--src/--ref are for translation runs; use --split for a masked LM")
+        metrics = task.score(run.model, task.encode(task.texts(split)), run.device)
+        results = {"split": split, "checkpoint": str(run.checkpoint.relative_to(run_dir)), **metrics}
+        print(
+            f"masked tokens: nll = {metrics['valid_nll']:.4f}   accuracy = {metrics['valid_accuracy']:.4f}"
+            f"   (the fixed validation masking of {split})"
+        )
     else:
         assert isinstance(task, LanguageModelTask)
         metrics = task.validate(run.model, run.device)

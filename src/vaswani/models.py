@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaswani.attention import padding_mask
@@ -375,6 +376,42 @@ class TransformerEncoder(nn.Module):
         if return_attention:
             return hidden, {"encoder": weights}
         return hidden
+
+
+class TransformerMaskedLM(nn.Module):
+    """The encoder stack trained by masked language modelling (BERT, Devlin et al. 2019, §3.1 "Task #1"):
+    self-supervised pretraining for a classifier, on nothing but text.
+
+    The input is what a `TransformerClassifier` reads: [CLS] (`cfg.cls_id`) is prepended at position 0 and
+    padding is masked as keys. Every input position gets a distribution over the vocabulary through the
+    token embedding matrix (shared, as §3.4 shares the decoder's) plus a bias. `embed` and `encoder` are
+    named as in the classifier, so a classification recipe with `[model] init_from = RUN_DIR` starts from
+    them; `mlm_bias` stays behind.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg, make_token_embedding(cfg.vocab_size, cfg.d_model, cfg.pad_id))
+        self.encoder = Encoder(cfg, cfg.n_encoder_layers)
+        self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, ids: Tensor, return_attention: bool = False):
+        """ids (B, S) -> logits (B, S, vocab_size) for the S input positions ([CLS] is read, not predicted);
+        with `return_attention`, also {"encoder": [...]} whose tensors are (B, n_heads, 1 + S, 1 + S)."""
+        cfg = self.config
+        _check_ids(ids, cfg.vocab_size, "ids")
+        cls = torch.full((ids.size(0), 1), cfg.classifier_cls_id, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat((cls, ids), dim=1)
+        _check_length(ids.size(1), cfg, "input with [CLS]")
+        positions = torch.arange(ids.size(1), device=ids.device)
+        hidden, weights = self.encoder(
+            self.embed(ids, positions), padding_mask(ids, cfg.pad_id), return_attention
+        )
+        logits = F.linear(hidden[:, 1:], self.embed.tokens.weight, self.mlm_bias)
+        if return_attention:
+            return logits, {"encoder": weights}
+        return logits
 
 
 class TransformerLM(nn.Module):

@@ -37,7 +37,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 # "encoder": an imported BERT-family encoder (vaswani import-hf); used, not trained.
-TASKS = ("translation", "classification", "lm", "encoder", "image_classification")
+# "mlm": masked language modelling, the self-supervised pretraining of a classifier's encoder.
+TASKS = ("translation", "classification", "lm", "encoder", "image_classification", "mlm")
 TOKENIZERS = ("bpe", "wordpiece", "chars")
 SCHEDULES = ("noam", "inverse_sqrt", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -71,7 +72,7 @@ class RecipeError(ValueError):
 class DataSection:
     """What to train on and how to cut it into batches."""
 
-    task: str = "translation"  # translation | classification | lm | image_classification
+    task: str = "translation"  # translation | classification | lm | image_classification | mlm
     # multi30k | trec | trec-fine | sst2 | sst5 | bbc_news | ag_news | tiny_shakespeare | files;
     # images: digits | mnist | cifar10
     dataset: str = "multi30k"
@@ -111,6 +112,9 @@ class DataSection:
     # (TREC's 50 classes, SST-5's five grades, neutral sentences included); the prediction averages the two
     # heads' class probabilities (TransformerClassifier, fine_to_class)
     fine_labels: bool = False
+    # mlm: the share of real tokens to predict (BERT's 15%), each replaced by <unk> 80% of the time, by a
+    # random token 10%, kept 10%
+    mask_prob: float = 0.15
     augment: str = "none"  # images: none | crop_flip (pad, random crop, horizontal flip)
     crop_padding: int = 4  # images, crop_flip: zero pixels added on each side before cropping
 
@@ -323,6 +327,7 @@ def _validate(recipe: Recipe) -> None:
         f"holds the test split {d.test_split!r}: a model trained on it cannot be scored on it",
     )
     need(0.0 <= d.word_dropout < 1.0, f"[data] word_dropout = {d.word_dropout}", "must be in [0, 1)")
+    need(0.0 < d.mask_prob < 1.0, f"[data] mask_prob = {d.mask_prob}", "must be in (0, 1)")
     need(
         not d.fine_labels
         or (d.task == "classification" and d.dataset.lower().replace("-", "_") in FINE_LABEL_DATASETS),

@@ -44,11 +44,12 @@ from vaswani.models import (
     TransformerClassifier,
     TransformerEncoder,
     TransformerLM,
+    TransformerMaskedLM,
     combine_heads,
     fine_membership,
 )
 from vaswani.recipes import Recipe, RecipeError
-from vaswani.tokenization import Tokenizer, load_tokenizer
+from vaswani.tokenization import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from vaswani.training.losses import LossOutput, label_smoothed_cross_entropy
 from vaswani.vision_task import ImageClassificationTask
 
@@ -177,7 +178,7 @@ class _Task:
                         f"the model {tuple(tensor.shape)}"
                     )
                 tensor.copy_(source[key])
-        return sorted(fresh)
+        return sorted(k for k in fresh if k in target)
 
     def _fresh_tensors(self, source: dict, target: dict) -> set[str]:
         """Tensors the task trains from scratch even with init_from."""
@@ -381,7 +382,7 @@ class ClassificationTask(_Task):
 
     best_metric = ("valid_accuracy", True)
     _epoch = 0  # the epoch whose batches make_batch is serving (seeds word dropout)
-    init_sources = (TransformerEncoder, TransformerClassifier)
+    init_sources = (TransformerEncoder, TransformerClassifier, TransformerMaskedLM)
 
     def data(self, split: str) -> LabeledTexts:
         d = self.recipe.data
@@ -510,7 +511,7 @@ class ClassificationTask(_Task):
             if all(k in source and source[k].shape == target[k].shape for k in head):
                 continue  # a classifier run with as many classes: its head is a starting point too
             fresh |= head | {k for k in source if k.startswith(prefix)}
-        return fresh
+        return fresh | {k for k in source if k.startswith("mlm_")}  # a masked LM's output bias
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids (then the tokenizer's suffix, BERT's [SEP]), truncated so that [CLS] + ids fits max_len
@@ -815,12 +816,127 @@ class EncoderTask(_Task):
         return out
 
 
+class MaskedLMTask(_Task):
+    """Masked language modelling (BERT, Devlin et al. 2019, §3.1) on the texts of a data set's training split:
+    self-supervised pretraining of the encoder that a classification recipe then starts from
+    (`[model] init_from = RUN_DIR`), with no data beyond the task's own ("self-pretraining", Krishna et al.
+    2023).
+
+    Each real token is chosen as a target with probability `[data] mask_prob` (BERT: 0.15); a chosen token
+    is replaced by <unk> 80% of the time, by a random token 10% and kept 10%. <unk> stands in for BERT's
+    [MASK]: it is the token the classifier's word dropout writes, so fine-tuning sees the same corruption.
+    The draw depends only on (seed, epoch, batch), so a resumed run sees the same batches; validation masks
+    the validation texts the same way in every evaluation (a fixed seed), so its numbers are comparable.
+    """
+
+    best_metric = ("valid_nll", False)
+    init_sources = (TransformerMaskedLM,)
+    _epoch = 0
+    VALID_SEED = 0
+
+    def texts(self, split: str) -> list[str]:
+        """The texts of a split: a classification data set's (labels unused), or with dataset = "files" the
+        non-empty lines of the split's file."""
+        d = self.recipe.data
+        if d.dataset == "files":
+            lines = load_text_file(self._user_file(split)).splitlines()
+            return [line for line in lines if line.strip()]
+        parts = self._split_name(split).split("+")
+        return [t for part in parts for t in load_classification(d.dataset, part, data_dir=d.data_dir).texts]
+
+    @cached_property
+    def train_texts(self) -> list[str]:
+        return _limit(self.texts("train"), self.recipe.data.limit_train)
+
+    @cached_property
+    def valid_texts(self) -> list[str]:
+        return _limit(self.texts("valid"), self.recipe.data.limit_valid)
+
+    def _training_texts(self) -> list[str]:
+        return self.train_texts
+
+    def _recipe_config(self, **derived) -> TransformerConfig:
+        return self.recipe.model_config(**derived, cls_id=self.tokenizer.cls_id)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids truncated so that [CLS] + ids fits max_len, as the classifier reads them."""
+        limit = min(self.recipe.data.max_len, self.model_config().max_len) - 1
+        return [ids[:limit] or [self.tokenizer.unk_id] for ids in self.tokenizer.encode_batch(list(texts))]
+
+    @cached_property
+    def train_ids(self) -> list[list[int]]:
+        return self.encode(self.train_texts)
+
+    @cached_property
+    def valid_ids(self) -> list[list[int]]:
+        return self.encode(self.valid_texts)
+
+    def build_model(self) -> TransformerMaskedLM:
+        return TransformerMaskedLM(self.model_config())
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self._epoch = epoch
+        return self._seeded_batches([len(s) + 1 for s in self.train_ids], None, epoch)
+
+    def mask(self, rows: list[list[int]], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded rows -> (inputs with the chosen tokens corrupted, targets: the chosen tokens' ids, padding
+        elsewhere). At least one token is chosen, so that no batch has nothing to predict."""
+        tok = self.tokenizer
+        ids = pad_batch(rows, tok.pad_id)
+        real = ids != tok.pad_id
+        chosen = (torch.rand(ids.shape, generator=generator) < self.recipe.data.mask_prob) & real
+        if not chosen.any():
+            chosen[0, 0] = True
+        action = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(len(SPECIAL_TOKENS), tok.vocab_size, ids.shape, generator=generator)
+        inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, tok.unk_id), ids)
+        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+        return inputs, torch.where(chosen, ids, torch.full_like(ids, tok.pad_id))
+
+    def make_batch(self, indices: list[int], device: torch.device):
+        key = (self.recipe.train.seed * 1_000_003 + self._epoch) * 1_000_033 + indices[0]
+        inputs, targets = self.mask([self.train_ids[i] for i in indices], torch.Generator().manual_seed(key))
+        return inputs.to(device), targets.to(device)
+
+    def loss(self, model: nn.Module, batch, label_smoothing: float) -> LossOutput:
+        inputs, targets = batch
+        return label_smoothed_cross_entropy(model(inputs), targets, label_smoothing, self.tokenizer.pad_id)
+
+    def batch_tokens(self, batch) -> int:
+        return int((batch[0] != self.tokenizer.pad_id).sum())
+
+    def loss_denominator(self, batch) -> int:
+        return int((batch[1] != self.tokenizer.pad_id).sum())
+
+    def score(self, model: nn.Module, ids: list[list[int]], device: torch.device) -> dict[str, float]:
+        """NLL per masked token and the share of masked tokens predicted right, with the fixed validation
+        masking (the same targets at every evaluation)."""
+        generator = torch.Generator().manual_seed(self.VALID_SEED)
+        pad = self.tokenizer.pad_id
+        nll = correct = count = 0.0
+        model.eval()
+        with torch.no_grad():
+            for indices in self._seeded_batches([len(s) + 1 for s in ids], None, 0, shuffle=False):
+                inputs, targets = self.mask([ids[i] for i in indices], generator)
+                logits = model(inputs.to(device)).float()
+                targets = targets.to(device)
+                chosen = targets != pad
+                nll += F.cross_entropy(logits[chosen], targets[chosen], reduction="sum").item()
+                correct += (logits[chosen].argmax(-1) == targets[chosen]).sum().item()
+                count += chosen.sum().item()
+        return {"valid_nll": nll / max(count, 1), "valid_accuracy": correct / max(count, 1)}
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return self.score(model, self.valid_ids, device)
+
+
 TASK_CLASSES = {
     "translation": TranslationTask,
     "classification": ClassificationTask,
     "lm": LanguageModelTask,
     "image_classification": ImageClassificationTask,
     "encoder": EncoderTask,
+    "mlm": MaskedLMTask,
 }
 
 

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from vaswani.models import evaluating
-from vaswani.tasks import ClassificationTask, EncoderTask, LanguageModelTask, TranslationTask
+from vaswani.tasks import (
+    ClassificationTask,
+    EncoderTask,
+    LanguageModelTask,
+    MaskedLMTask,
+    TranslationTask,
+)
 
 # Matplotlib's colour map for attention weights: the PNGs draw with it and the HTML page reads the same
 # colours from it.
@@ -154,7 +160,9 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
     Raises ValueError, in one line, for an empty or over-long input.
     """
     task, model, device = run.task, run.model, run.device
-    if not isinstance(task, (TranslationTask, ClassificationTask, LanguageModelTask, EncoderTask)):
+    if not isinstance(
+        task, (TranslationTask, ClassificationTask, LanguageModelTask, EncoderTask, MaskedLMTask)
+    ):
         raise ValueError(
             f"attention_maps reads text; a {run.recipe.data.task} run takes "
             "vaswani.interpret.image_attention_maps"
@@ -207,6 +215,12 @@ def attention_maps(run: Any, text: str, target: str | None = None) -> AttentionM
                 text=text,
                 prediction=f"{task.label_names[best]} ({float(probs[best]):.3f})",
                 source_ids=ids,
+            )
+        if isinstance(task, MaskedLMTask):  # the classifier's input: [CLS] prepended by the model
+            _check_fits(len(ids) + 1, cfg.max_len, "text with [CLS]")
+            _, weights = model(tensor(ids), return_attention=True)
+            return AttentionMaps(
+                "classification", ["[CLS]", *tokens(ids)], [], _numpy(weights), text=text, source_ids=ids
             )
         if isinstance(task, EncoderTask):  # an imported encoder: its own [CLS] and [SEP] are in the input
             ids = [cfg.classifier_cls_id, *ids]
