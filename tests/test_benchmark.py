@@ -315,3 +315,58 @@ def test_the_curve_comparison_script_reports_the_relative_difference(tmp_path):
         and missing.stderr.strip().startswith("error:")
         and "Traceback" not in missing.stderr
     )
+
+
+def _cnn_baseline():
+    """benchmarks/cnn_baseline.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cnn_baseline.py"
+    spec = importlib.util.spec_from_file_location("cnn_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cnn_baseline_keeps_kims_max_norm_and_pools_over_time():
+    cnn = _cnn_baseline()
+    torch.manual_seed(0)
+    model = cnn.CNNRand(vocab_size=20, n_classes=3, dim=8, maps=4)
+    with torch.no_grad():
+        model.out.weight.copy_(torch.tensor([[10.0] * 12, [0.1] * 12, [-4.0] + [0.0] * 11]))
+    small = model.out.weight[1].clone()
+    model.clip_output_norms(3.0)
+    norms = model.out.weight.detach().norm(dim=1).tolist()
+    assert norms[0] == pytest.approx(3.0) and norms[2] == pytest.approx(3.0)
+    assert torch.equal(model.out.weight[1], small)  # a row within the bound is left alone
+    model.eval()
+    ids = cnn.pad([[3, 4, 5, 6], [7, 8]])
+    assert model(ids).shape == (2, 3) and ids[1].tolist() == [7, 8, cnn.PAD, cnn.PAD]
+    assert cnn.encode(["A b zzz", ""], cnn.build_vocab(["a B c"])) == [[2, 3, cnn.UNK], [cnn.UNK]]
+
+
+def test_the_cnn_baseline_scores_test_at_the_best_validation_epoch_and_is_seeded(tmp_path):
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (shared / "trec").is_dir():
+        pytest.skip(f"real datasets not found at {shared}")
+    cnn = _cnn_baseline()
+    first = cnn.run("trec", seed=3, epochs=2, data_dir=str(shared), limit=150)
+    again = cnn.run("trec", seed=3, epochs=2, data_dir=str(shared), limit=150)
+    assert {k: v for k, v in first.items() if k != "minutes"} == {
+        k: v for k, v in again.items() if k != "minutes"
+    }
+    assert len(first["valid_curve"]) == 2 and first["valid_accuracy"] == max(first["valid_curve"])
+    assert first["valid_curve"][first["epoch"] - 1] == first["valid_accuracy"]
+    assert 0.0 <= first["test_accuracy"] <= 100.0 and first["train_examples"] == 150
+    out = tmp_path / "cnn.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cnn_baseline.py"
+    args = ["--seeds", "1", "--epochs", "1", "--limit-train", "100", "--data-dir", str(shared)]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "--json", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["runs"][0]["epoch"] == 1 and record["summary"]["test_accuracy"]["std"] == 0.0
+    bad = subprocess.run([sys.executable, str(script), "--dataset", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown classification dataset")
+    assert "Traceback" not in bad.stderr
